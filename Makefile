@@ -1,0 +1,36 @@
+# llmkit developer tasks. `make test` is the test command CI runs (via .ci/run).
+PY     ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+TORCH  ?= torch==2.13.0
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install test lint demo bench clean
+
+$(BIN)/llmkit: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	@touch $@
+
+install: $(BIN)/llmkit  ## create .venv with torch (CPU) and llmkit[dev]
+
+test: $(BIN)/llmkit  ## the full offline test suite (unit, smoke, distributed)
+	$(BIN)/python -m pytest -q
+
+lint: $(BIN)/llmkit
+	$(BIN)/ruff check llmkit tests
+	$(BIN)/ruff format --check llmkit tests
+
+demo: $(BIN)/llmkit  ## install, then pretrain the default BERT recipe (offline, ~5 min on 2 cores)
+	$(BIN)/llmkit pretrain recipes/bert.yaml --overwrite
+
+bench: $(BIN)/llmkit
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache build dist

@@ -1,0 +1,182 @@
+"""The `llmkit` command line: Typer commands that parse argv and call config + run (no ML imports here)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from llmkit import __version__
+from llmkit.errors import LlmkitError
+
+app = typer.Typer(
+    help="Pretrain and fine-tune Hugging Face transformers from YAML recipes.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=True,
+)
+recipe_app = typer.Typer(help="Inspect recipes.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+
+# Extra words after the recipe are key=value overrides; an unknown --flag lands there too and is
+# then reported as a bad override (one line, exit 2) instead of Click's multi-line usage error.
+_TRAIN_CTX = {"ignore_unknown_options": True}
+
+RecipeArg = typer.Argument(..., help="Recipe YAML file.", show_default=False)
+OverridesArg = typer.Argument(None, help="key=value overrides, e.g. trainer.learning_rate=3e-4", show_default=False)
+DebugOpt = typer.Option(False, "--debug", help="Show the full traceback on errors.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"llmkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """Pretrain and fine-tune Hugging Face transformers from YAML recipes."""
+
+
+def _setup_logging() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.INFO, format="[llmkit] %(message)s", stream=sys.stderr)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_warning()
+    except ImportError:
+        pass
+
+
+def guarded(debug: bool, fn: Callable[[], Any]) -> Any:
+    """Run `fn`, turning errors into exit codes: 2 for recipe/data errors, 130 interrupted, 1 otherwise."""
+    try:
+        return fn()
+    except LlmkitError as e:
+        if debug:
+            raise
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130) from None
+    except (typer.Exit, typer.Abort):
+        raise
+    except Exception as e:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+        if debug:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        typer.echo(f"error: {type(e).__name__}: {first} (run again with --debug for the traceback)", err=True)
+        raise typer.Exit(1) from None
+
+
+def _load(recipe: Path, overrides: list[str] | None) -> Any:
+    from llmkit.config import load_recipe, resolve
+
+    return resolve(load_recipe(recipe, overrides or []))
+
+
+def _print_estimate(est: dict) -> None:
+    typer.echo("\nEstimate:")
+    for key, value in est.items():
+        if isinstance(value, float):
+            value = f"{value:.2f}"
+        elif isinstance(value, int) and not isinstance(value, bool):
+            value = f"{value:,}"
+        typer.echo(f"  {key:<22} {value}")
+
+
+def _train_command(stage: str, recipe: Path, overrides: list[str] | None, dry_run: bool,
+                   overwrite: bool, resume: bool) -> None:
+    from llmkit.config import dump_yaml
+
+    r = _load(recipe, overrides)
+    from llmkit import run
+
+    run.check_stage(r, stage)
+    _setup_logging()
+    if dry_run:
+        typer.echo(dump_yaml(run.resolved_dict(r)).rstrip())
+        _print_estimate(run.train(r, dry_run=True))
+        return
+    summary = run.train(r, overwrite=overwrite, resume=resume)
+    if summary:
+        metrics = {k: v for k, v in summary["final_metrics"].items() if not k.endswith(("_runtime", "_per_second"))}
+        typer.echo(f"\nDone in {summary['wall_time_s']:.0f}s: {summary['steps']} steps, "
+                   f"{summary['train_samples_per_second']:.1f} samples/s. Saved to {summary['output_dir']}")
+        for key, value in metrics.items():
+            typer.echo(f"  {key:<28} {value:.4f}" if isinstance(value, float) else f"  {key:<28} {value}")
+
+
+@app.command(context_settings=_TRAIN_CTX)
+def pretrain(
+    recipe: Path = RecipeArg,
+    overrides: list[str] = OverridesArg,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and estimate; train nothing."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished run in output_dir."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in output_dir from its newest checkpoint."),
+    debug: bool = DebugOpt,
+) -> None:
+    """Pretrain a language model (tasks mlm, clm) from a recipe."""
+    guarded(debug, lambda: _train_command("pretrain", recipe, overrides, dry_run, overwrite, resume))
+
+
+@app.command(context_settings=_TRAIN_CTX)
+def finetune(
+    recipe: Path = RecipeArg,
+    overrides: list[str] = OverridesArg,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and estimate; train nothing."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished run in output_dir."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in output_dir from its newest checkpoint."),
+    debug: bool = DebugOpt,
+) -> None:
+    """Fine-tune a pretrained model on a task from a recipe."""
+    guarded(debug, lambda: _train_command("finetune", recipe, overrides, dry_run, overwrite, resume))
+
+
+@app.command(context_settings=_TRAIN_CTX)
+def evaluate(
+    target: Path = typer.Argument(..., help="A run folder (output_dir of a finished run) or a recipe file."),
+    overrides: list[str] = OverridesArg,
+    split: str = typer.Option("validation", "--split", help="Which split to evaluate: validation, test, train."),
+    debug: bool = DebugOpt,
+) -> None:
+    """Compute metrics for a trained run or any checkpoint on any split."""
+
+    def go() -> None:
+        from llmkit import run
+
+        r = run.recipe_for_evaluation(target, overrides or [])
+        _setup_logging()
+        metrics = run.evaluate(r, split)
+        typer.echo(f"\nMetrics on {split}:")
+        for key, value in metrics.items():
+            typer.echo(f"  {key:<28} {value:.4f}" if isinstance(value, float) else f"  {key:<28} {value}")
+
+    guarded(debug, go)
+
+
+@recipe_app.command("show", context_settings=_TRAIN_CTX)
+def recipe_show(recipe: Path = RecipeArg, overrides: list[str] = OverridesArg, debug: bool = DebugOpt) -> None:
+    """Print the recipe merged (extends), overridden and resolved."""
+
+    def go() -> None:
+        from llmkit.config import dump_yaml
+        from llmkit.run import resolved_dict
+
+        typer.echo(dump_yaml(resolved_dict(_load(recipe, overrides))).rstrip())
+
+    guarded(debug, go)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

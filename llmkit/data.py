@@ -1,0 +1,218 @@
+"""Data loading: load_dataset wrappers, local files (incl. CoNLL), built-in corpora, splits, columns."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from llmkit.errors import DataError
+
+if TYPE_CHECKING:
+    from datasets import Dataset, DatasetDict
+
+    from llmkit.config import Recipe
+
+SPLITS = ("train", "validation", "test")
+_SPLIT_ALIASES = {"valid": "validation", "dev": "validation", "val": "validation", "eval": "validation"}
+_FORMATS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".csv": "csv",
+            ".tsv": "csv", ".parquet": "parquet", ".conll": "conll", ".bio": "conll", ".iob": "conll"}
+
+
+def cache_dir() -> Path:
+    """Where llmkit keeps what it derives once and reuses (built-in corpora, trained tokenizers)."""
+    root = os.environ.get("LLMKIT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llmkit"
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# --------------------------------------------------------------------------- built-in corpora
+
+
+def pydoc_corpus_file() -> Path:
+    """CPython's bundled documentation (pydoc_data, ~0.5 MB of English prose), one paragraph per line."""
+    import sys
+
+    from pydoc_data.topics import topics
+
+    path = cache_dir() / "corpora" / f"pydoc-{sys.version_info.major}.{sys.version_info.minor}.txt"
+    if not path.exists():
+        paragraphs = []
+        for name in sorted(topics):
+            for block in topics[name].split("\n\n"):
+                text = " ".join(line.strip() for line in block.splitlines() if line.strip())
+                if len(text) > 20:
+                    paragraphs.append(text)
+        _atomic_write(path, "\n".join(paragraphs) + "\n")
+    return path
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------- CoNLL
+
+
+def read_conll(path: str) -> dict[str, list]:
+    """Parse a CoNLL file: `token<whitespace>...tag` per line, blank line between sentences, -DOCSTART- skipped."""
+    tokens: list[list[str]] = []
+    tags: list[list[str]] = []
+    words: list[str] = []
+    labels: list[str] = []
+
+    def flush() -> None:
+        if words:
+            tokens.append(list(words))
+            tags.append(list(labels))
+            words.clear()
+            labels.clear()
+
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
+    for lineno, line in enumerate(lines, 1):
+        parts = line.split()
+        if not parts:
+            flush()
+        elif parts[0] == "-DOCSTART-":
+            flush()
+        elif len(parts) < 2:
+            raise DataError(f"{path}:{lineno}: expected 'token tag', got {line.strip()!r}")
+        else:
+            words.append(parts[0])
+            labels.append(parts[-1])
+    flush()
+    return {"tokens": tokens, "ner_tags": tags}
+
+
+def _conll_dataset(files: list[str]) -> Dataset:
+    from datasets import Dataset
+
+    rows: dict[str, list] = {"tokens": [], "ner_tags": []}
+    for f in files:
+        part = read_conll(f)
+        rows["tokens"] += part["tokens"]
+        rows["ner_tags"] += part["ner_tags"]
+    return Dataset.from_dict(rows)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _as_list(value: str | list[str] | None) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _local_files(recipe: Recipe) -> dict[str, list[str]]:
+    files = {}
+    for split in SPLITS:
+        paths = _as_list(getattr(recipe.data, split))
+        for p in paths:
+            if not Path(p).is_file():
+                what = "is a directory, not a file" if Path(p).is_dir() else "not found"
+                raise DataError(f"data file {what}: {p} (data.{split}); fix the path or override it: data.{split}=path/to/file")
+        if paths:
+            files[split] = paths
+    return files
+
+
+def _format_of(files: dict[str, list[str]]) -> str:
+    exts = {Path(p).suffix.lower() for paths in files.values() for p in paths}
+    unknown = [e for e in exts if e not in _FORMATS]
+    if unknown:
+        raise DataError(f"unknown data file extension {unknown[0] or '(none)'}: use one of {', '.join(sorted(_FORMATS))}")
+    formats = {_FORMATS[e] for e in exts}
+    if len(formats) > 1:
+        raise DataError(f"data files mix formats ({', '.join(sorted(formats))}); use one format for all splits")
+    return formats.pop()
+
+
+def _load_files(files: dict[str, list[str]]) -> DatasetDict:
+    from datasets import DatasetDict, load_dataset
+
+    fmt = _format_of(files)
+    if fmt == "conll":
+        return DatasetDict({split: _conll_dataset(paths) for split, paths in files.items()})
+    kwargs = {"delimiter": "\t"} if all(p.endswith(".tsv") for ps in files.values() for p in ps) else {}
+    try:
+        return load_dataset(fmt, data_files=files, **kwargs)
+    except Exception as e:  # noqa: BLE001 - pyarrow/pandas parse errors come in many types
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        cause = e.__cause__ or e.__context__
+        if cause is not None and str(cause).strip():
+            msg = f"{msg}: {str(cause).strip().splitlines()[0]}"
+        raise DataError(f"cannot read {fmt} data {_describe(files)}: {msg}") from None
+
+
+def _describe(files: dict[str, list[str]]) -> str:
+    return ", ".join(f"{s}={','.join(p)}" for s, p in files.items())
+
+
+def _load_hub(load: dict) -> DatasetDict:
+    from datasets import Dataset, DatasetDict, load_dataset
+
+    try:
+        ds = load_dataset(**load)
+    except TypeError as e:
+        raise DataError(f"data.load: {e}") from None
+    except Exception as e:  # noqa: BLE001 - network, missing-dataset and config errors differ by version
+        offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = " (offline: use local files with data.train=path/to/train.jsonl data.validation=...)" if offline else \
+            " (check the dataset name, or use local files with data.train=path/to/file)"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"cannot load dataset {load.get('path')!r}: {first}{hint}") from None
+    if isinstance(ds, Dataset):
+        ds = DatasetDict({"train": ds})
+    if not isinstance(ds, DatasetDict):
+        raise DataError("data.load must give a (map-style) dataset; streaming is not supported")
+    return ds
+
+
+def load_splits(recipe: Recipe, seed: int = 42) -> DatasetDict:
+    """Load the recipe's data as a DatasetDict with train / validation (/ test) splits.
+
+    A validation split is carved from train (seeded) when the data has none, and
+    max_train_samples / max_eval_samples cap the splits.
+    """
+    from datasets import DatasetDict
+
+    d = recipe.data
+    if d.source == "pydoc":
+        ds = _load_files({"train": [str(pydoc_corpus_file())]})
+    elif d.load is not None:
+        ds = _load_hub(d.load)
+    else:
+        ds = None
+    files = _local_files(recipe)
+    if files:
+        local = _load_files(files)
+        ds = local if ds is None else DatasetDict({**ds, **local})
+    ds = DatasetDict({_SPLIT_ALIASES.get(k, k): v for k, v in ds.items()})
+    if "train" not in ds:
+        raise DataError(f"the data has no train split (found: {', '.join(ds) or 'none'}); name one with data.train=path")
+    if "validation" not in ds and d.validation_split > 0 and len(ds["train"]) >= 2:
+        parts = ds["train"].train_test_split(test_size=d.validation_split, seed=seed)
+        ds["train"], ds["validation"] = parts["train"], parts["test"]
+    caps = {"train": d.max_train_samples, "validation": d.max_eval_samples, "test": d.max_eval_samples}
+    for split, cap in caps.items():
+        if cap is not None and split in ds and len(ds[split]) > cap:
+            ds[split] = ds[split].select(range(cap))
+    return ds
+
+
+def require_columns(ds: Dataset, needed: dict[str, str], split: str) -> None:
+    """Fail with the columns found when a role's column (data.columns.ROLE) is missing."""
+    for role, column in needed.items():
+        if column not in ds.column_names:
+            raise DataError(
+                f"{split} split has no column {column!r} for {role} (columns found: {', '.join(ds.column_names)}); "
+                f"set data.columns.{role}=COLUMN"
+            )

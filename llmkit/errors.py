@@ -1,0 +1,13 @@
+"""The exceptions llmkit raises for problems the user can fix (exit code 2)."""
+
+
+class LlmkitError(Exception):
+    """A recipe, usage or data problem: reported as one line on stderr, exit code 2."""
+
+
+class RecipeError(LlmkitError):
+    """The recipe (file, extends chain or overrides) is invalid."""
+
+
+class DataError(LlmkitError):
+    """The data named by the recipe is missing, empty or malformed."""

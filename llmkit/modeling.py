@@ -1,0 +1,266 @@
+"""Tokenizer (load, or train on the corpus) and model (pretrained, or built from a config)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llmkit.data import cache_dir
+from llmkit.errors import RecipeError
+
+if TYPE_CHECKING:
+    from llmkit.config import Recipe
+    from llmkit.tasks import Task
+
+log = logging.getLogger("llmkit")
+
+# Special tokens by tokenizer type, and the template that wraps one text (and a pair).
+_BERT = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
+_ROBERTA = {"bos": "<s>", "pad": "<pad>", "eos": "</s>", "unk": "<unk>", "mask": "<mask>", "cls": "<s>", "sep": "</s>"}
+_GPT = {"bos": "<|endoftext|>", "eos": "<|endoftext|>", "unk": "<|endoftext|>", "pad": "<|pad|>"}
+
+
+def _specials(kind: str, task: Task) -> dict[str, str]:
+    if kind == "wordpiece":
+        return _BERT
+    if task.name == "clm":
+        return _GPT
+    return _ROBERTA
+
+
+def _offline_hint() -> str:
+    import os
+
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1":
+        return " (offline: point it at a local folder)"
+    return ""
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def load_tokenizer(name_or_path: str, recipe: Recipe | None = None) -> Any:
+    """AutoTokenizer.from_pretrained with one-line errors."""
+    from transformers import AutoTokenizer
+
+    kwargs = {}
+    if recipe is not None:
+        kwargs = {"revision": recipe.model.revision, "trust_remote_code": recipe.model.trust_remote_code}
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise RecipeError(
+            f"cannot load tokenizer {name_or_path!r}: {first}{_offline_hint()}; "
+            "set tokenizer.name_or_path=PATH or train one with tokenizer.train.type=wordpiece"
+        ) from None
+
+
+def get_tokenizer(recipe: Recipe, task: Task, train: Any) -> Any:
+    """The recipe's tokenizer: tokenizer.name_or_path, else a trained one, else the model's own."""
+    t = recipe.tokenizer
+    if t.name_or_path:
+        tok = load_tokenizer(t.name_or_path, recipe)
+    elif t.train is not None:
+        tok = train_tokenizer(recipe, task, train)
+    elif recipe.model.name_or_path:
+        tok = load_tokenizer(recipe.model.name_or_path, recipe)
+    elif recipe.model.encoder:
+        tok = load_tokenizer(recipe.model.encoder, recipe)
+    else:
+        raise RecipeError("no tokenizer: set tokenizer.name_or_path, tokenizer.train.type, or model.name_or_path")
+    return tok
+
+
+def train_tokenizer(recipe: Recipe, task: Task, train: Any) -> Any:
+    """Train a fast tokenizer on the training split (cached by corpus fingerprint and settings)."""
+    from transformers import PreTrainedTokenizerFast
+
+    spec = recipe.tokenizer.train
+    specials = _specials(spec.type, task)
+    key = json.dumps(
+        {"spec": vars(spec), "specials": specials, "task": task.name, "corpus": train._fingerprint,
+         "columns": recipe.data.columns, "max_length": recipe.data.max_length, "v": 1},
+        sort_keys=True,
+    )
+    folder = cache_dir() / "tokenizers" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    if (folder / "tokenizer.json").exists():
+        log.info("Using the cached tokenizer trained on this corpus: %s", folder)
+        return PreTrainedTokenizerFast.from_pretrained(str(folder))
+
+    texts = task.corpus(recipe, train)
+    if spec.max_texts is not None:
+        import itertools
+
+        texts = itertools.islice(texts, spec.max_texts)
+    backend = _train_backend(spec, specials, texts)
+    if backend.get_vocab_size() <= len(set(specials.values())):
+        from llmkit.errors import DataError
+
+        raise DataError("the training corpus is empty: no text to train a tokenizer on")
+    token_kwargs = {f"{role}_token": tok for role, tok in specials.items()}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, model_max_length=recipe.data.max_length, **token_kwargs
+    )
+    tmp = folder.with_name(folder.name + ".tmp")
+    tokenizer.save_pretrained(str(tmp))
+    tmp.replace(folder) if not folder.exists() else None
+    return tokenizer
+
+
+def _train_backend(spec: Any, specials: dict[str, str], texts: Any) -> Any:
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    special_list = list(dict.fromkeys(specials.values()))
+    if spec.type == "wordpiece":
+        tok = Tokenizer(models.WordPiece(unk_token=specials["unk"]))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=spec.lowercase)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=spec.vocab_size, min_frequency=spec.min_frequency, special_tokens=special_list
+        )
+    elif spec.type == "bpe":
+        tok = Tokenizer(models.BPE())
+        if spec.lowercase:
+            tok.normalizer = normalizers.Lowercase()
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=spec.vocab_size, min_frequency=spec.min_frequency, special_tokens=special_list,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
+    else:  # unigram
+        tok = Tokenizer(models.Unigram())
+        norms = [normalizers.NFKC()] + ([normalizers.Lowercase()] if spec.lowercase else [])
+        tok.normalizer = normalizers.Sequence(norms)
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        trainer = trainers.UnigramTrainer(
+            vocab_size=spec.vocab_size, special_tokens=special_list, unk_token=specials["unk"]
+        )
+    tok.train_from_iterator(texts, trainer=trainer)
+    if "cls" in specials:
+        cls, sep = specials["cls"], specials["sep"]
+        pair = f"{cls} $A {sep} $B:1 {sep}:1" if spec.type == "wordpiece" else f"{cls} $A {sep} {sep} $B:1 {sep}:1"
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{cls} $A {sep}", pair=pair,
+            special_tokens=[(cls, tok.token_to_id(cls)), (sep, tok.token_to_id(sep))],
+        )
+    return tok
+
+
+# --------------------------------------------------------------------------- model
+
+
+def _auto_class(task: Task) -> Any:
+    import transformers
+
+    return getattr(transformers, task.auto_model)
+
+
+def build_config(recipe: Recipe, task: Task, tokenizer: Any, extra: dict) -> Any:
+    """The model config: from model.config (checked key by key) or the pretrained checkpoint's."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    m = recipe.model
+    if m.name_or_path:
+        try:
+            config = AutoConfig.from_pretrained(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0]
+            raise RecipeError(f"cannot load model {m.name_or_path!r}: {first}{_offline_hint()}; "
+                              "set model.name_or_path=PATH to a local model folder") from None
+        for key, value in (m.config or {}).items():
+            setattr(config, key, value)
+    else:
+        if not m.config:
+            raise RecipeError("model: set model.name_or_path (a checkpoint) or model.config (to train from scratch)")
+        cfg = dict(m.config)
+        model_type = cfg.pop("model_type", None)
+        if model_type not in CONFIG_MAPPING:
+            from llmkit.config import suggest
+
+            hint = suggest(str(model_type), list(CONFIG_MAPPING.keys())) if model_type else ""
+            raise RecipeError(f"model.config.model_type: unknown model type {model_type!r}{hint} "
+                              "(any AutoConfig model_type: bert, roberta, gpt2, llama, t5, ...)")
+        default = CONFIG_MAPPING[model_type]()
+        known = set(default.to_dict()) | set(getattr(default, "attribute_map", {}))
+        for key in cfg:
+            if key not in known:
+                from llmkit.config import suggest
+
+                raise RecipeError(f"unknown key 'model.config.{key}'{suggest(key, known)} (not a {type(default).__name__} field)")
+        try:
+            config = AutoConfig.for_model(model_type, **cfg)
+        except (ValueError, TypeError) as e:
+            raise RecipeError(f"model.config: {str(e).strip().splitlines()[0]}") from None
+        # The vocabulary and special ids come from the tokenizer; positions must cover a block.
+        config.vocab_size = len(tokenizer)
+        for role in ("pad", "bos", "eos", "sep", "cls"):
+            tid = getattr(tokenizer, f"{role}_token_id", None)
+            if tid is not None and hasattr(config, f"{role}_token_id"):
+                setattr(config, f"{role}_token_id", tid)
+        if tokenizer.pad_token_id is not None:
+            config.pad_token_id = tokenizer.pad_token_id
+        if getattr(config, "decoder_start_token_id", "absent") is None:
+            config.decoder_start_token_id = tokenizer.pad_token_id
+        for attr in ("max_position_embeddings", "n_positions"):
+            if hasattr(config, attr) and attr not in cfg and getattr(config, attr) < recipe.data.max_length:
+                setattr(config, attr, recipe.data.max_length)
+    for key, value in extra.items():
+        setattr(config, key, value)
+    return config
+
+
+def build_model(recipe: Recipe, task: Task, tokenizer: Any, extra: dict | None = None, meta: bool = False) -> Any:
+    """Load the pretrained model (new heads start random) or build it from the config.
+
+    With meta=True the model lives on the meta device: no memory, for counting parameters.
+    """
+    import torch
+
+    config = build_config(recipe, task, tokenizer, extra or {})
+    auto = _auto_class(task)
+    m = recipe.model
+    if meta:
+        with torch.device("meta"):
+            return auto.from_config(config)
+    if m.name_or_path:
+        try:
+            model = auto.from_pretrained(m.name_or_path, config=config, revision=m.revision,
+                                         trust_remote_code=m.trust_remote_code)
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0]
+            raise RecipeError(f"cannot load model {m.name_or_path!r}: {first}{_offline_hint()}") from None
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(len(tokenizer))
+        return model
+    return auto.from_config(config)
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameter counts; tied weights are counted once."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+def describe_model(recipe: Recipe) -> str:
+    m = recipe.model
+    if m.name_or_path:
+        return m.name_or_path
+    if m.encoder:
+        return f"{m.encoder} -> {m.decoder or m.encoder}"
+    return f"{(m.config or {}).get('model_type', '?')} (from config)"
+
+

@@ -1,0 +1,307 @@
+"""Train and evaluate: Trainer wiring, the output folder, metrics and the run summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from llmkit import __version__
+from llmkit.config import Recipe, dump_yaml, resolve
+from llmkit.errors import LlmkitError, RecipeError
+from llmkit.tasks import Task, get_task
+
+log = logging.getLogger("llmkit")
+
+FINISHED = "summary.json"  # written last: its presence marks a finished run
+
+
+# --------------------------------------------------------------------------- output folder
+
+
+def resolved_dict(recipe: Recipe) -> dict:
+    """The recipe as it runs: merged, overridden, with llmkit's trainer defaults filled in."""
+    raw = dict(recipe.raw)
+    raw["trainer"] = dict(recipe.trainer)
+    return raw
+
+
+def last_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint folder (one with trainer_state.json) in `out`."""
+    ckpts = []
+    for p in out.glob("checkpoint-*"):
+        suffix = p.name.split("-", 1)[1]
+        if p.is_dir() and suffix.isdigit() and (p / "trainer_state.json").exists():
+            ckpts.append((int(suffix), p))
+    return max(ckpts)[1] if ckpts else None
+
+
+def prepare_output_dir(recipe: Recipe, overwrite: bool, resume: bool) -> Path | None:
+    """Decide what to do with an existing output_dir; return the checkpoint to resume from, if any.
+
+    A finished run is never overwritten without --overwrite; an unfinished run of the same
+    recipe resumes from its newest checkpoint; anything else in the folder is an error.
+    """
+    out = recipe.output_dir
+    if out.exists() and not out.is_dir():
+        raise LlmkitError(f"trainer.output_dir {out} is a file; choose a folder: trainer.output_dir=runs/NAME")
+    if not out.exists() or not any(out.iterdir()):
+        if resume:
+            raise LlmkitError(f"--resume: {out} holds no run to resume; drop --resume to start one")
+        return None
+    if overwrite:
+        if resume:
+            raise LlmkitError("--overwrite and --resume contradict each other; pick one")
+        log.warning("--overwrite: deleting the previous contents of %s", out)
+        shutil.rmtree(out)
+        return None
+    fix = f"pass --overwrite to replace it, or set trainer.output_dir=runs/NEW_NAME"
+    if (out / FINISHED).exists():
+        raise LlmkitError(f"{out} holds a finished run; {fix}")
+    saved = out / "recipe.yaml"
+    if not saved.exists():
+        raise LlmkitError(f"{out} is not empty and is not an llmkit run; {fix}")
+    from llmkit.config import parse_yaml
+
+    same = parse_yaml(saved.read_text(encoding="utf-8"), str(saved)) == json.loads(json.dumps(resolved_dict(recipe)))
+    ckpt = last_checkpoint(out)
+    if not same and not resume:
+        raise LlmkitError(
+            f"{out} holds an unfinished run of a different recipe; resume it with --resume "
+            f"(keeping the new settings) or {fix}"
+        )
+    if ckpt is None:
+        if resume:
+            raise LlmkitError(f"--resume: {out} has no complete checkpoint yet; drop --resume to start over")
+        log.warning("%s holds an unfinished run with no checkpoint: starting it again", out)
+        return None
+    log.warning("Resuming the unfinished run in %s from %s", out, ckpt.name)
+    return ckpt
+
+
+# --------------------------------------------------------------------------- pipeline pieces
+
+
+def prepare_data(recipe: Recipe, task: Task, args: Any, only: str | None = None) -> tuple[Any, Any, Any]:
+    """Load splits, get the tokenizer, tokenize (all splits, or `only` one).
+
+    The main process goes first; the other ranks then find its work in the datasets cache.
+    """
+    from datasets import DatasetDict
+
+    from llmkit import data, modeling
+
+    with args.main_process_first(desc="loading and tokenizing data"):
+        raw = data.load_splits(recipe, seed=args.seed)
+        if only is not None and only not in raw:
+            raise LlmkitError(f"the data has no {only!r} split (splits: {', '.join(raw)}); "
+                              f"name it with data.{only}=path/to/file or pick another --split")
+        tokenizer = modeling.get_tokenizer(recipe, task, raw["train"])
+        todo = DatasetDict({only: raw[only]}) if only else raw
+        tokenized = task.preprocess(recipe, todo, tokenizer)
+    return raw, tokenizer, tokenized
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def _add_perplexity(task: Task, metrics: dict, prefix: str = "eval") -> dict:
+    loss = metrics.get(f"{prefix}_loss")
+    if task.perplexity and loss is not None:
+        metrics[f"{prefix}_perplexity"] = math.exp(min(loss, 50.0))
+    return metrics
+
+
+def estimate(recipe: Recipe, task: Task, tokenizer: Any, tokenized: Any, model_kwargs: dict) -> dict:
+    """What a run will do: parameters, tokens per step, steps and epochs (no weights are allocated)."""
+    from llmkit import modeling
+
+    args = recipe.args
+    model = modeling.build_model(recipe, task, tokenizer, model_kwargs, meta=True)
+    trainable, total = modeling.count_parameters(model)
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    n_train = len(tokenized["train"])
+    steps_per_epoch = max(1, math.ceil(n_train / (args.per_device_train_batch_size * args.world_size))
+                          // args.gradient_accumulation_steps)
+    steps = args.max_steps if args.max_steps > 0 else math.ceil(steps_per_epoch * args.num_train_epochs)
+    return {
+        "task": task.name,
+        "model": modeling.describe_model(recipe),
+        "parameters": total,
+        "trainable_parameters": trainable,
+        "train_samples": n_train,
+        "eval_samples": len(tokenized["validation"]) if "validation" in tokenized else 0,
+        "samples_per_step": per_step,
+        "tokens_per_step": per_step * recipe.data.max_length if task.tokens_per_sample else None,
+        "steps": steps,
+        "epochs": steps / steps_per_epoch,
+        "bf16": bool(args.bf16),
+    }
+
+
+# --------------------------------------------------------------------------- train
+
+
+def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, dry_run: bool = False) -> dict:
+    """Run the recipe end to end: data, tokenizer, model, Trainer, outputs. Returns the summary.
+
+    With dry_run=True everything is validated and tokenized but nothing is trained or written;
+    the estimate (parameters, tokens per step, steps, epochs) is returned instead.
+    """
+    from transformers import Trainer, set_seed
+
+    from llmkit import modeling
+
+    task = get_task(recipe.task)
+    if recipe.args is None:
+        resolve(recipe)
+    args = recipe.args
+    ckpt = None if dry_run else prepare_output_dir(recipe, overwrite, resume)
+    started = time.time()
+    set_seed(args.seed)
+    raw, tokenizer, tokenized = prepare_data(recipe, task, args)
+    model_kwargs = task.model_kwargs(recipe, raw)
+    if dry_run:
+        return estimate(recipe, task, tokenizer, tokenized, model_kwargs)
+
+    model = modeling.build_model(recipe, task, tokenizer, model_kwargs)
+    trainable, total = modeling.count_parameters(model)
+    log.info("Model %s: %s parameters (%s trainable)", modeling.describe_model(recipe), f"{total:,}", f"{trainable:,}")
+    compute_metrics, reduce_logits = task.metrics(recipe, tokenizer)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        data_collator=task.collator(recipe, tokenizer, model),
+        train_dataset=tokenized["train"],
+        eval_dataset=tokenized.get("validation"),
+        processing_class=tokenizer,
+        compute_metrics=compute_metrics,
+        preprocess_logits_for_metrics=reduce_logits,
+    )
+    out = recipe.output_dir
+    if trainer.is_world_process_zero():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.yaml").write_text(dump_yaml(resolved_dict(recipe)), encoding="utf-8")
+
+    result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    trainer.save_model()
+    train_metrics = dict(result.metrics)
+    eval_metrics = {}
+    if "validation" in tokenized:
+        eval_metrics = _add_perplexity(task, trainer.evaluate(metric_key_prefix="eval"))
+    summary = {}
+    if trainer.is_world_process_zero():
+        trainer.save_state()
+        _write_json(out / "train_results.json", train_metrics)
+        if eval_metrics:
+            _write_json(out / "eval_validation.json", eval_metrics)
+        summary = _summary(recipe, task, trainer, train_metrics, eval_metrics, trainable, total, time.time() - started)
+        _write_json(out / FINISHED, summary)
+    return summary
+
+
+def _summary(recipe: Recipe, task: Task, trainer: Any, train_metrics: dict, eval_metrics: dict,
+             trainable: int, total: int, wall: float) -> dict:
+    from llmkit import modeling
+
+    args = trainer.args
+    samples_s = train_metrics.get("train_samples_per_second")
+    evals = [
+        {"step": h["step"], "eval_loss": h["eval_loss"],
+         **({"eval_perplexity": math.exp(min(h["eval_loss"], 50.0))} if task.perplexity else {})}
+        for h in trainer.state.log_history if "eval_loss" in h
+    ]
+    return {
+        "task": task.name,
+        "model": modeling.describe_model(recipe),
+        "parameters": total,
+        "trainable_parameters": trainable,
+        "steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "world_size": args.world_size,
+        "global_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+        "bf16": bool(args.bf16),
+        "wall_time_s": round(wall, 2),
+        "train_runtime_s": train_metrics.get("train_runtime"),
+        "train_samples_per_second": samples_s,
+        "train_tokens_per_second": samples_s * recipe.data.max_length if samples_s and task.tokens_per_sample else None,
+        "train_loss": train_metrics.get("train_loss"),
+        "final_metrics": eval_metrics,
+        "evaluations": evals,
+        "output_dir": str(recipe.output_dir),
+        "llmkit_version": __version__,
+    }
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def recipe_for_evaluation(target: Path, overrides: list[str]) -> Recipe:
+    """The recipe to evaluate with: a run folder's saved recipe pointed at its model, or a recipe file."""
+    from llmkit.config import apply_overrides, load_raw, load_recipe, validate
+
+    target = Path(target)
+    if target.is_dir():
+        saved = target / "recipe.yaml"
+        if not saved.exists():
+            raise LlmkitError(f"{target} has no recipe.yaml, so it is not an llmkit run; "
+                              "pass a recipe file instead (with model.name_or_path=CHECKPOINT)")
+        if not any((target / f).exists() for f in ("config.json", "adapter_config.json")):
+            raise LlmkitError(f"{target} holds no trained model (the run did not finish); "
+                              f"finish it with `llmkit ... --resume`, or evaluate a checkpoint folder in it")
+        raw = load_raw(saved)
+        raw["model"] = {k: v for k, v in raw.get("model", {}).items() if k in ("trust_remote_code", "revision")}
+        raw["model"]["name_or_path"] = str(target)
+        raw["tokenizer"] = {"name_or_path": str(target)}
+        raw.setdefault("trainer", {})["output_dir"] = str(target)
+        raw = apply_overrides(raw, overrides)
+        recipe = validate(raw, str(saved))
+    else:
+        recipe = load_recipe(target, overrides)
+    recipe.trainer = {**recipe.trainer, "report_to": "none"}
+    return resolve(recipe)
+
+
+def evaluate(recipe: Recipe, split: str = "validation") -> dict:
+    """Evaluate the recipe's model on one split; write eval_<split>.json to output_dir and return the metrics."""
+    from transformers import Trainer
+
+    from llmkit import modeling
+
+    task = get_task(recipe.task)
+    if recipe.args is None:
+        resolve(recipe)
+    args = recipe.args
+    raw, tokenizer, tokenized = prepare_data(recipe, task, args, only=split)
+    model = modeling.build_model(recipe, task, tokenizer, task.model_kwargs(recipe, raw))
+    compute_metrics, reduce_logits = task.metrics(recipe, tokenizer)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        data_collator=task.collator(recipe, tokenizer, model),
+        eval_dataset=tokenized[split],
+        processing_class=tokenizer,
+        compute_metrics=compute_metrics,
+        preprocess_logits_for_metrics=reduce_logits,
+    )
+    metrics = _add_perplexity(task, trainer.evaluate(metric_key_prefix="eval"))
+    metrics = {"split": split, "samples": len(tokenized[split]), **metrics}
+    if trainer.is_world_process_zero():
+        recipe.output_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(recipe.output_dir / f"eval_{split}.json", metrics)
+    return metrics
+
+
+def check_stage(recipe: Recipe, stage: str) -> None:
+    """`pretrain` runs pretraining tasks and `finetune` fine-tuning tasks; say so on a mix-up."""
+    task = get_task(recipe.task)
+    if task.stage != stage:
+        other = "pretrain" if task.stage == "pretrain" else "finetune"
+        raise RecipeError(f"task {task.name!r} is a {task.stage} task: run it with `llmkit {other}`")

@@ -1,0 +1,77 @@
+"""The task registry: each task is a frozen dataclass of facts and functions, one module per task."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmkit.errors import RecipeError
+
+
+def _no_check(recipe: Any) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Task:
+    """Everything llmkit knows about one task.
+
+    Functions receive the validated Recipe; heavy libraries are imported inside them so that
+    validating a recipe stays fast.
+    """
+
+    name: str
+    stage: str  # "pretrain" or "finetune": which command runs it
+    description: str
+    auto_model: str  # name of the transformers AutoModel class
+    peft_task_type: str  # peft.TaskType name, filled into LoraConfig.task_type
+    Options: type  # dataclass of the task's own `options:` keys
+    columns: dict[str, str]  # role -> default column name; data.columns.ROLE overrides
+    # (recipe, DatasetDict, tokenizer) -> tokenized DatasetDict ready for the Trainer
+    preprocess: Callable[..., Any]
+    # (recipe, tokenizer, model) -> data collator
+    collator: Callable[..., Any]
+    # (recipe, train Dataset) -> texts to train a tokenizer on
+    corpus: Callable[..., Iterator[str]]
+    # (recipe, tokenizer) -> (compute_metrics, preprocess_logits_for_metrics) or (None, None)
+    metrics: Callable[..., tuple[Any, Any]] = field(default=lambda recipe, tokenizer: (None, None))
+    # (recipe, raw DatasetDict) -> extra kwargs for the model config (labels, problem_type)
+    model_kwargs: Callable[..., dict] = field(default=lambda recipe, ds: {})
+    validate: Callable[[Any], None] = _no_check
+    perplexity: bool = False  # report exp(eval_loss)
+    seq2seq: bool = False
+    tokens_per_sample: bool = True  # samples are packed blocks of data.max_length tokens
+
+    def training_args_cls(self) -> type:
+        import transformers
+
+        return transformers.Seq2SeqTrainingArguments if self.seq2seq else transformers.TrainingArguments
+
+    def column(self, recipe: Any, role: str) -> str:
+        return recipe.data.columns.get(role, self.columns[role])
+
+
+def _registry() -> dict[str, Task]:
+    from llmkit.tasks import clm, mlm
+
+    return {t.name: t for t in (mlm.TASK, clm.TASK)}
+
+
+TASKS: dict[str, Task] = {}
+
+
+def get_task(name: Any) -> Task:
+    """Look a task up by name, with a suggestion for typos."""
+    if not TASKS:
+        TASKS.update(_registry())
+    if name not in TASKS:
+        from llmkit.config import suggest
+
+        raise RecipeError(f"unknown task {name!r}{suggest(str(name), TASKS)}; tasks: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def all_tasks() -> dict[str, Task]:
+    get_task(next(iter(_registry())))
+    return dict(TASKS)

@@ -1,0 +1,60 @@
+"""Shared by the pretraining tasks: drop empty texts, tokenize and pack into fixed-length blocks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from llmkit.data import require_columns
+from llmkit.errors import DataError
+
+
+def text_corpus(column: str) -> Callable[..., Iterator[str]]:
+    """Texts to train a tokenizer on: the non-empty values of one column."""
+
+    def corpus(recipe: Any, train: Any) -> Iterator[str]:
+        for batch in train.iter(batch_size=1000):
+            yield from (t for t in batch[column] if t and t.strip())
+
+    return corpus
+
+
+def pack(recipe: Any, ds: Any, column: str, encode: Callable[[list[str]], dict[str, list]]) -> Any:
+    """Tokenize `column` with `encode` and pack the token stream into blocks of data.max_length.
+
+    Empty or whitespace-only rows are dropped first; the tail of each 1,000-row batch that
+    does not fill a block is dropped (as in transformers' run_mlm / run_clm), so no padding is
+    ever trained on. Cached by datasets' fingerprint: a second run reuses the blocks.
+    """
+    block = recipe.data.max_length
+    for split in ds:
+        require_columns(ds[split], {"text": column}, split)
+
+    def tokenize_and_pack(batch: dict[str, list]) -> dict[str, list]:
+        texts = [t for t in batch[column] if isinstance(t, str) and t.strip()]
+        enc = encode(texts)
+        out = {}
+        for key, seqs in enc.items():
+            flat = [x for seq in seqs for x in seq]
+            usable = len(flat) // block * block
+            out[key] = [flat[i : i + block] for i in range(0, usable, block)]
+        return out
+
+    packed = {}
+    for split, data in ds.items():
+        packed[split] = data.map(
+            tokenize_and_pack,
+            batched=True,
+            batch_size=1000,
+            remove_columns=data.column_names,
+            num_proc=recipe.data.num_proc,
+            desc=f"Tokenizing and packing {split} into blocks of {block}",
+        )
+        if len(packed[split]) == 0:
+            raise DataError(
+                f"the {split} split gives no block of data.max_length={block} tokens "
+                f"({len(data)} rows, all empty or too short); add text or lower data.max_length"
+            )
+    from datasets import DatasetDict
+
+    return DatasetDict(packed)
