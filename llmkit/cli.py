@@ -94,8 +94,9 @@ def _print_estimate(est: dict) -> None:
         typer.echo(f"  {key:<22} {value}")
 
 
-def _train_command(stage: str, recipe: Path, overrides: list[str] | None, dry_run: bool,
-                   overwrite: bool, resume: bool) -> None:
+def _train_command(
+    stage: str, recipe: Path, overrides: list[str] | None, dry_run: bool, overwrite: bool, resume: bool
+) -> None:
     from llmkit.config import dump_yaml
 
     r = _load(recipe, overrides)
@@ -110,8 +111,10 @@ def _train_command(stage: str, recipe: Path, overrides: list[str] | None, dry_ru
     summary = run.train(r, overwrite=overwrite, resume=resume)
     if summary:
         metrics = {k: v for k, v in summary["final_metrics"].items() if not k.endswith(("_runtime", "_per_second"))}
-        typer.echo(f"\nDone in {summary['wall_time_s']:.0f}s: {summary['steps']} steps, "
-                   f"{summary['train_samples_per_second']:.1f} samples/s. Saved to {summary['output_dir']}")
+        typer.echo(
+            f"\nDone in {summary['wall_time_s']:.0f}s: {summary['steps']} steps, "
+            f"{summary['train_samples_per_second']:.1f} samples/s. Saved to {summary['output_dir']}"
+        )
         for key, value in metrics.items():
             typer.echo(f"  {key:<28} {value:.4f}" if isinstance(value, float) else f"  {key:<28} {value}")
 

@@ -216,7 +216,14 @@ def suggest(key: str, valid: typing.Iterable[str]) -> str:
 
 
 def _type_name(tp: Any) -> str:
-    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "a mapping", list: "a list"}
+    names = {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        dict: "a mapping",
+        list: "a list",
+    }
     if tp in names:
         return names[tp]
     args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -311,16 +318,22 @@ def _check_semantics(r: Recipe) -> None:
         if value is not None and value < 1:
             raise RecipeError(f"data.{name} must be a positive integer, got {value}")
     if d.source is not None and d.source not in BUILTIN_SOURCES:
-        raise RecipeError(f"data.source: unknown built-in corpus {d.source!r}{suggest(d.source, BUILTIN_SOURCES)}; "
-                          f"built-in: {', '.join(BUILTIN_SOURCES)}")
+        raise RecipeError(
+            f"data.source: unknown built-in corpus {d.source!r}{suggest(d.source, BUILTIN_SOURCES)}; "
+            f"built-in: {', '.join(BUILTIN_SOURCES)}"
+        )
     given = [n for n, v in (("load", d.load), ("source", d.source), ("train", d.train)) if v is not None]
     if not given:
-        raise RecipeError("data: name the data with data.load (load_dataset kwargs), data.train (a file) or data.source")
+        raise RecipeError(
+            "data: name the data with data.load (load_dataset kwargs), data.train (a file) or data.source"
+        )
     if d.load is not None and d.source is not None:
         raise RecipeError("data: give either data.load or data.source, not both")
     tt = r.tokenizer.train
     if tt is not None and tt.type not in ("wordpiece", "bpe", "unigram"):
-        raise RecipeError(f"tokenizer.train.type must be wordpiece, bpe or unigram, got {tt.type!r}{suggest(tt.type, ['wordpiece', 'bpe', 'unigram'])}")
+        raise RecipeError(
+            f"tokenizer.train.type must be wordpiece, bpe or unigram, got {tt.type!r}{suggest(tt.type, ['wordpiece', 'bpe', 'unigram'])}"
+        )
     if tt is not None and tt.vocab_size < 100:
         raise RecipeError(f"tokenizer.train.vocab_size must be at least 100, got {tt.vocab_size}")
     if not isinstance(r.trainer, dict):

@@ -15,8 +15,18 @@ if TYPE_CHECKING:
 
 SPLITS = ("train", "validation", "test")
 _SPLIT_ALIASES = {"valid": "validation", "dev": "validation", "val": "validation", "eval": "validation"}
-_FORMATS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".csv": "csv",
-            ".tsv": "csv", ".parquet": "parquet", ".conll": "conll", ".bio": "conll", ".iob": "conll"}
+_FORMATS = {
+    ".txt": "text",
+    ".text": "text",
+    ".json": "json",
+    ".jsonl": "json",
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".parquet": "parquet",
+    ".conll": "conll",
+    ".bio": "conll",
+    ".iob": "conll",
+}
 
 
 def cache_dir() -> Path:
@@ -33,7 +43,6 @@ def cache_dir() -> Path:
 def pydoc_corpus_file() -> Path:
     """CPython's bundled documentation (pydoc_data, ~0.5 MB of English prose), one paragraph per line."""
     import sys
-
     from pydoc_data.topics import topics
 
     path = cache_dir() / "corpora" / f"pydoc-{sys.version_info.major}.{sys.version_info.minor}.txt"
@@ -78,9 +87,7 @@ def read_conll(path: str) -> dict[str, list]:
         raise DataError(f"{path}: not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
     for lineno, line in enumerate(lines, 1):
         parts = line.split()
-        if not parts:
-            flush()
-        elif parts[0] == "-DOCSTART-":
+        if not parts or parts[0] == "-DOCSTART-":
             flush()
         elif len(parts) < 2:
             raise DataError(f"{path}:{lineno}: expected 'token tag', got {line.strip()!r}")
@@ -118,7 +125,9 @@ def _local_files(recipe: Recipe) -> dict[str, list[str]]:
         for p in paths:
             if not Path(p).is_file():
                 what = "is a directory, not a file" if Path(p).is_dir() else "not found"
-                raise DataError(f"data file {what}: {p} (data.{split}); fix the path or override it: data.{split}=path/to/file")
+                raise DataError(
+                    f"data file {what}: {p} (data.{split}); fix the path or override it: data.{split}=path/to/file"
+                )
         if paths:
             files[split] = paths
     return files
@@ -128,7 +137,9 @@ def _format_of(files: dict[str, list[str]]) -> str:
     exts = {Path(p).suffix.lower() for paths in files.values() for p in paths}
     unknown = [e for e in exts if e not in _FORMATS]
     if unknown:
-        raise DataError(f"unknown data file extension {unknown[0] or '(none)'}: use one of {', '.join(sorted(_FORMATS))}")
+        raise DataError(
+            f"unknown data file extension {unknown[0] or '(none)'}: use one of {', '.join(sorted(_FORMATS))}"
+        )
     formats = {_FORMATS[e] for e in exts}
     if len(formats) > 1:
         raise DataError(f"data files mix formats ({', '.join(sorted(formats))}); use one format for all splits")
@@ -165,8 +176,11 @@ def _load_hub(load: dict) -> DatasetDict:
         raise DataError(f"data.load: {e}") from None
     except Exception as e:  # noqa: BLE001 - network, missing-dataset and config errors differ by version
         offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
-        hint = " (offline: use local files with data.train=path/to/train.jsonl data.validation=...)" if offline else \
-            " (check the dataset name, or use local files with data.train=path/to/file)"
+        hint = (
+            " (offline: use local files with data.train=path/to/train.jsonl data.validation=...)"
+            if offline
+            else " (check the dataset name, or use local files with data.train=path/to/file)"
+        )
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"cannot load dataset {load.get('path')!r}: {first}{hint}") from None
     if isinstance(ds, Dataset):
@@ -197,7 +211,9 @@ def load_splits(recipe: Recipe, seed: int = 42) -> DatasetDict:
         ds = local if ds is None else DatasetDict({**ds, **local})
     ds = DatasetDict({_SPLIT_ALIASES.get(k, k): v for k, v in ds.items()})
     if "train" not in ds:
-        raise DataError(f"the data has no train split (found: {', '.join(ds) or 'none'}); name one with data.train=path")
+        raise DataError(
+            f"the data has no train split (found: {', '.join(ds) or 'none'}); name one with data.train=path"
+        )
     if "validation" not in ds and d.validation_split > 0 and len(ds["train"]) >= 2:
         parts = ds["train"].train_test_split(test_size=d.validation_split, seed=seed)
         ds["train"], ds["validation"] = parts["train"], parts["test"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmkit.data import cache_dir
@@ -82,8 +81,15 @@ def train_tokenizer(recipe: Recipe, task: Task, train: Any) -> Any:
     spec = recipe.tokenizer.train
     specials = _specials(spec.type, task)
     key = json.dumps(
-        {"spec": vars(spec), "specials": specials, "task": task.name, "corpus": train._fingerprint,
-         "columns": recipe.data.columns, "max_length": recipe.data.max_length, "v": 1},
+        {
+            "spec": vars(spec),
+            "specials": specials,
+            "task": task.name,
+            "corpus": train._fingerprint,
+            "columns": recipe.data.columns,
+            "max_length": recipe.data.max_length,
+            "v": 1,
+        },
         sort_keys=True,
     )
     folder = cache_dir() / "tokenizers" / hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -130,7 +136,9 @@ def _train_backend(spec: Any, specials: dict[str, str], texts: Any) -> Any:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
-            vocab_size=spec.vocab_size, min_frequency=spec.min_frequency, special_tokens=special_list,
+            vocab_size=spec.vocab_size,
+            min_frequency=spec.min_frequency,
+            special_tokens=special_list,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         )
     else:  # unigram
@@ -147,7 +155,8 @@ def _train_backend(spec: Any, specials: dict[str, str], texts: Any) -> Any:
         cls, sep = specials["cls"], specials["sep"]
         pair = f"{cls} $A {sep} $B:1 {sep}:1" if spec.type == "wordpiece" else f"{cls} $A {sep} {sep} $B:1 {sep}:1"
         tok.post_processor = processors.TemplateProcessing(
-            single=f"{cls} $A {sep}", pair=pair,
+            single=f"{cls} $A {sep}",
+            pair=pair,
             special_tokens=[(cls, tok.token_to_id(cls)), (sep, tok.token_to_id(sep))],
         )
     return tok
@@ -170,11 +179,15 @@ def build_config(recipe: Recipe, task: Task, tokenizer: Any, extra: dict) -> Any
     m = recipe.model
     if m.name_or_path:
         try:
-            config = AutoConfig.from_pretrained(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+            config = AutoConfig.from_pretrained(
+                m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code
+            )
         except (OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0]
-            raise RecipeError(f"cannot load model {m.name_or_path!r}: {first}{_offline_hint()}; "
-                              "set model.name_or_path=PATH to a local model folder") from None
+            raise RecipeError(
+                f"cannot load model {m.name_or_path!r}: {first}{_offline_hint()}; "
+                "set model.name_or_path=PATH to a local model folder"
+            ) from None
         for key, value in (m.config or {}).items():
             setattr(config, key, value)
     else:
@@ -186,15 +199,19 @@ def build_config(recipe: Recipe, task: Task, tokenizer: Any, extra: dict) -> Any
             from llmkit.config import suggest
 
             hint = suggest(str(model_type), list(CONFIG_MAPPING.keys())) if model_type else ""
-            raise RecipeError(f"model.config.model_type: unknown model type {model_type!r}{hint} "
-                              "(any AutoConfig model_type: bert, roberta, gpt2, llama, t5, ...)")
+            raise RecipeError(
+                f"model.config.model_type: unknown model type {model_type!r}{hint} "
+                "(any AutoConfig model_type: bert, roberta, gpt2, llama, t5, ...)"
+            )
         default = CONFIG_MAPPING[model_type]()
         known = set(default.to_dict()) | set(getattr(default, "attribute_map", {}))
         for key in cfg:
             if key not in known:
                 from llmkit.config import suggest
 
-                raise RecipeError(f"unknown key 'model.config.{key}'{suggest(key, known)} (not a {type(default).__name__} field)")
+                raise RecipeError(
+                    f"unknown key 'model.config.{key}'{suggest(key, known)} (not a {type(default).__name__} field)"
+                )
         try:
             config = AutoConfig.for_model(model_type, **cfg)
         except (ValueError, TypeError) as e:
@@ -232,8 +249,9 @@ def build_model(recipe: Recipe, task: Task, tokenizer: Any, extra: dict | None =
             return auto.from_config(config)
     if m.name_or_path:
         try:
-            model = auto.from_pretrained(m.name_or_path, config=config, revision=m.revision,
-                                         trust_remote_code=m.trust_remote_code)
+            model = auto.from_pretrained(
+                m.name_or_path, config=config, revision=m.revision, trust_remote_code=m.trust_remote_code
+            )
         except (OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0]
             raise RecipeError(f"cannot load model {m.name_or_path!r}: {first}{_offline_hint()}") from None
@@ -262,5 +280,3 @@ def describe_model(recipe: Recipe) -> str:
     if m.encoder:
         return f"{m.encoder} -> {m.decoder or m.encoder}"
     return f"{(m.config or {}).get('model_type', '?')} (from config)"
-
-

@@ -59,7 +59,7 @@ def prepare_output_dir(recipe: Recipe, overwrite: bool, resume: bool) -> Path | 
         log.warning("--overwrite: deleting the previous contents of %s", out)
         shutil.rmtree(out)
         return None
-    fix = f"pass --overwrite to replace it, or set trainer.output_dir=runs/NEW_NAME"
+    fix = "pass --overwrite to replace it, or set trainer.output_dir=runs/NEW_NAME"
     if (out / FINISHED).exists():
         raise LlmkitError(f"{out} holds a finished run; {fix}")
     saved = out / "recipe.yaml"
@@ -98,8 +98,10 @@ def prepare_data(recipe: Recipe, task: Task, args: Any, only: str | None = None)
     with args.main_process_first(desc="loading and tokenizing data"):
         raw = data.load_splits(recipe, seed=args.seed)
         if only is not None and only not in raw:
-            raise LlmkitError(f"the data has no {only!r} split (splits: {', '.join(raw)}); "
-                              f"name it with data.{only}=path/to/file or pick another --split")
+            raise LlmkitError(
+                f"the data has no {only!r} split (splits: {', '.join(raw)}); "
+                f"name it with data.{only}=path/to/file or pick another --split"
+            )
         tokenizer = modeling.get_tokenizer(recipe, task, raw["train"])
         todo = DatasetDict({only: raw[only]}) if only else raw
         tokenized = task.preprocess(recipe, todo, tokenizer)
@@ -128,8 +130,9 @@ def estimate(recipe: Recipe, task: Task, tokenizer: Any, tokenized: Any, model_k
     trainable, total = modeling.count_parameters(model)
     per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     n_train = len(tokenized["train"])
-    steps_per_epoch = max(1, math.ceil(n_train / (args.per_device_train_batch_size * args.world_size))
-                          // args.gradient_accumulation_steps)
+    steps_per_epoch = max(
+        1, math.ceil(n_train / (args.per_device_train_batch_size * args.world_size)) // args.gradient_accumulation_steps
+    )
     steps = args.max_steps if args.max_steps > 0 else math.ceil(steps_per_epoch * args.num_train_epochs)
     return {
         "task": task.name,
@@ -207,16 +210,28 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, dry_
     return summary
 
 
-def _summary(recipe: Recipe, task: Task, trainer: Any, train_metrics: dict, eval_metrics: dict,
-             trainable: int, total: int, wall: float) -> dict:
+def _summary(
+    recipe: Recipe,
+    task: Task,
+    trainer: Any,
+    train_metrics: dict,
+    eval_metrics: dict,
+    trainable: int,
+    total: int,
+    wall: float,
+) -> dict:
     from llmkit import modeling
 
     args = trainer.args
     samples_s = train_metrics.get("train_samples_per_second")
     evals = [
-        {"step": h["step"], "eval_loss": h["eval_loss"],
-         **({"eval_perplexity": math.exp(min(h["eval_loss"], 50.0))} if task.perplexity else {})}
-        for h in trainer.state.log_history if "eval_loss" in h
+        {
+            "step": h["step"],
+            "eval_loss": h["eval_loss"],
+            **({"eval_perplexity": math.exp(min(h["eval_loss"], 50.0))} if task.perplexity else {}),
+        }
+        for h in trainer.state.log_history
+        if "eval_loss" in h
     ]
     return {
         "task": task.name,
@@ -251,11 +266,15 @@ def recipe_for_evaluation(target: Path, overrides: list[str]) -> Recipe:
     if target.is_dir():
         saved = target / "recipe.yaml"
         if not saved.exists():
-            raise LlmkitError(f"{target} has no recipe.yaml, so it is not an llmkit run; "
-                              "pass a recipe file instead (with model.name_or_path=CHECKPOINT)")
+            raise LlmkitError(
+                f"{target} has no recipe.yaml, so it is not an llmkit run; "
+                "pass a recipe file instead (with model.name_or_path=CHECKPOINT)"
+            )
         if not any((target / f).exists() for f in ("config.json", "adapter_config.json")):
-            raise LlmkitError(f"{target} holds no trained model (the run did not finish); "
-                              f"finish it with `llmkit ... --resume`, or evaluate a checkpoint folder in it")
+            raise LlmkitError(
+                f"{target} holds no trained model (the run did not finish); "
+                f"finish it with `llmkit ... --resume`, or evaluate a checkpoint folder in it"
+            )
         raw = load_raw(saved)
         raw["model"] = {k: v for k, v in raw.get("model", {}).items() if k in ("trust_remote_code", "revision")}
         raw["model"]["name_or_path"] = str(target)

@@ -1,0 +1,119 @@
+"""The command line: arguments reach the engine, errors are one line with exit 2."""
+
+import subprocess
+import sys
+
+import pytest
+from conftest import RECIPES, ROOT
+from typer.testing import CliRunner
+
+from llmkit import __version__, run
+from llmkit.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def engine(monkeypatch):
+    """Replace run.train with a stub that records what it was called with."""
+    calls = []
+
+    def fake_train(recipe, **kwargs):
+        calls.append((recipe, kwargs))
+        if kwargs.get("dry_run"):
+            return {"parameters": 10, "steps": 3}
+        return {
+            "final_metrics": {"eval_loss": 1.5},
+            "wall_time_s": 1.0,
+            "steps": 3,
+            "train_samples_per_second": 9.0,
+            "output_dir": recipe.trainer["output_dir"],
+        }
+
+    monkeypatch.setattr(run, "train", fake_train)
+    return calls
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"llmkit {__version__}"
+
+
+def test_help_imports_no_ml_library():
+    code = "import sys; from llmkit.cli import app; assert not {'torch','transformers','datasets'} & set(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_pretrain_passes_recipe_overrides_and_flags(engine):
+    result = runner.invoke(
+        app, ["pretrain", str(RECIPES / "tiny/bert.yaml"), "trainer.seed=7", "data.max_length=16", "--overwrite"]
+    )
+    assert result.exit_code == 0, result.output
+    ((recipe, kwargs),) = engine
+    assert recipe.task == "mlm"
+    assert recipe.trainer["seed"] == 7 and recipe.args.seed == 7
+    assert recipe.data.max_length == 16
+    assert kwargs == {"overwrite": True, "resume": False}
+    assert "eval_loss" in result.output
+
+
+def test_dry_run_prints_resolved_recipe_and_estimate(engine):
+    result = runner.invoke(app, ["pretrain", str(RECIPES / "tiny/gpt2.yaml"), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert engine[0][1] == {"dry_run": True}
+    assert "task: clm" in result.output and "Estimate:" in result.output and "parameters" in result.output
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["pretrain", "missing.yaml"], "recipe file not found: missing.yaml"),
+        (["pretrain", str(RECIPES / "bert.yaml"), "--lr", "3"], "bad override '--lr'"),
+        (["pretrain", str(RECIPES / "bert.yaml"), "data.max_lenght=3"], "did you mean 'max_length'"),
+        (["pretrain", str(RECIPES / "bert.yaml"), "trainer.learnig_rate=3"], "did you mean 'learning_rate'"),
+        (["finetune", str(RECIPES / "bert.yaml")], "run it with `llmkit pretrain`"),
+        (["recipe", "show", "missing.yaml"], "recipe file not found"),
+    ],
+)
+def test_errors_are_one_line_exit_2(engine, argv, message):
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.output
+    assert engine == []
+
+
+def test_unexpected_errors_exit_1_and_debug_shows_traceback(monkeypatch):
+    def boom(recipe, **kwargs):
+        raise RuntimeError("kaboom\nsecond line")
+
+    monkeypatch.setattr(run, "train", boom)
+    argv = ["pretrain", str(RECIPES / "tiny/bert.yaml")]
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 1
+    assert "RuntimeError: kaboom (run again with --debug" in result.stderr
+    result = runner.invoke(app, [*argv, "--debug"])
+    assert isinstance(result.exception, RuntimeError)
+
+
+def test_interrupt_exits_130(monkeypatch):
+    def interrupted(recipe, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "train", interrupted)
+    result = runner.invoke(app, ["pretrain", str(RECIPES / "tiny/bert.yaml")])
+    assert result.exit_code == 130
+
+
+def test_recipe_show_merges_and_overrides():
+    result = runner.invoke(app, ["recipe", "show", str(RECIPES / "tiny/bert.yaml"), "trainer.seed=3"])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "extends" not in out
+    assert "hidden_size: 32" in out and "mlm_probability: 0.15" in out and "seed: 3" in out
+    assert "learning_rate: 0.0005" in out  # inherited from recipes/bert.yaml, as a float
+
+
+def test_python_dash_m_runs_the_cli():
+    out = subprocess.run([sys.executable, "-m", "llmkit", "--version"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0 and out.stdout.strip() == f"llmkit {__version__}"
