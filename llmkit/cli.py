@@ -132,17 +132,42 @@ def pretrain(
     guarded(debug, lambda: _train_command("pretrain", recipe, overrides, dry_run, overwrite, resume))
 
 
+def _recipe_for_task(recipe: str | None, task: str | None, overrides: list[str]) -> tuple[Path, list[str]]:
+    """`--task T` picks the shipped recipe for T; a recipe given as well must be for the same task."""
+    from llmkit.config import load_raw, shipped_recipe
+
+    overrides = list(overrides or [])
+    if recipe is not None and "=" in recipe and not Path(recipe).exists():
+        overrides.insert(0, recipe)  # `finetune --task ner trainer.seed=3`: no recipe, just overrides
+        recipe = None
+    if recipe is None:
+        if task is None:
+            raise LlmkitError("name a recipe (llmkit finetune recipes/ner.yaml) or a task (llmkit finetune --task ner)")
+        return shipped_recipe(task), overrides
+    if task is not None:
+        declared = load_raw(recipe).get("task")
+        if declared != task:
+            raise LlmkitError(f"--task {task} disagrees with {recipe}, which is a {declared!r} recipe; drop one of them")
+    return Path(recipe), overrides
+
+
 @app.command(context_settings=_TRAIN_CTX)
 def finetune(
-    recipe: Path = RecipeArg,
+    recipe: str = typer.Argument(None, help="Recipe YAML file (or use --task).", show_default=False),
     overrides: list[str] = OverridesArg,
+    task: str = typer.Option(None, "--task", help="Use the shipped recipe for this task: classification, ner, summarization."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and estimate; train nothing."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished run in output_dir."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in output_dir from its newest checkpoint."),
     debug: bool = DebugOpt,
 ) -> None:
-    """Fine-tune a pretrained model on a task from a recipe."""
-    guarded(debug, lambda: _train_command("finetune", recipe, overrides, dry_run, overwrite, resume))
+    """Fine-tune a pretrained model on a task (classification, ner, summarization)."""
+
+    def go() -> None:
+        path, extra = _recipe_for_task(recipe, task, overrides)
+        _train_command("finetune", path, extra, dry_run, overwrite, resume)
+
+    guarded(debug, go)
 
 
 @app.command(context_settings=_TRAIN_CTX)
@@ -163,6 +188,28 @@ def evaluate(
         typer.echo(f"\nMetrics on {split}:")
         for key, value in metrics.items():
             typer.echo(f"  {key:<28} {value:.4f}" if isinstance(value, float) else f"  {key:<28} {value}")
+
+    guarded(debug, go)
+
+
+@app.command(context_settings=_TRAIN_CTX)
+def predict(
+    target: Path = typer.Argument(..., help="A run folder (output_dir of a finished run) or a recipe file."),
+    overrides: list[str] = OverridesArg,
+    input: Path = typer.Option(..., "--input", "-i", help="Inputs: .jsonl/.json/.csv (the task's columns) or .txt."),
+    output: Path = typer.Option(..., "--output", "-o", help="Where to write the predictions (JSONL)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+    debug: bool = DebugOpt,
+) -> None:
+    """Predict with a trained model on a file of inputs; writes one JSON line per input."""
+
+    def go() -> None:
+        from llmkit import run
+
+        r = run.recipe_for_evaluation(target, overrides or [])
+        _setup_logging()
+        n = run.predict(r, input, output, overwrite=overwrite)
+        typer.echo(f"Wrote {n} predictions to {output}")
 
     guarded(debug, go)
 

@@ -302,6 +302,10 @@ def validate(raw: dict, source: str = "") -> Recipe:
     recipe.raw, recipe.recipe_file = raw, source
     _check_semantics(recipe)
     task.validate(recipe)
+    if recipe.metrics:
+        from llmkit.metrics import extra_metrics
+
+        extra_metrics(recipe.metrics)  # fails now, not after training, when one cannot be loaded
     return recipe
 
 
@@ -341,6 +345,23 @@ def _check_semantics(r: Recipe) -> None:
 
 
 BUILTIN_SOURCES = ("pydoc",)
+
+
+def shipped_recipes_dir() -> Path:
+    """The recipes/ folder: inside the installed package (wheel), else beside it (a checkout)."""
+    here = Path(__file__).resolve().parent
+    return here / "recipes" if (here / "recipes").is_dir() else here.parent / "recipes"
+
+
+def shipped_recipe(task: str) -> Path:
+    """The shipped recipe for a task (`llmkit finetune --task ner` -> recipes/ner.yaml)."""
+    from llmkit.tasks import all_tasks
+
+    path = shipped_recipes_dir() / f"{task}.yaml"
+    if not path.is_file():
+        raise RecipeError(f"no shipped recipe for task {task!r}{suggest(task, all_tasks())}; "
+                          f"tasks: {', '.join(all_tasks())}")
+    return path
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -405,7 +426,7 @@ def resolve(recipe: Recipe) -> Recipe:
     from llmkit.tasks import get_task
 
     task = get_task(recipe.task)
-    trainer = {**TRAINER_DEFAULTS, **recipe.trainer}
+    trainer = {**TRAINER_DEFAULTS, **task.trainer_defaults, **recipe.trainer}
     if "bf16" not in trainer and "fp16" not in trainer:
         trainer["bf16"] = fast_bf16_available()
     if "dataloader_pin_memory" not in trainer:
@@ -433,4 +454,8 @@ def resolve(recipe: Recipe) -> Recipe:
             recipe.generation_config.validate(strict=True)
         except ValueError as e:
             raise RecipeError(f"generation: {str(e).strip().splitlines()[0]}") from None
+    if recipe.metrics:
+        from llmkit.metrics import extra_metrics
+
+        extra_metrics(recipe.metrics)  # fails now, not after training, when one cannot be loaded
     return recipe

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from llmkit.errors import DataError
 
@@ -232,3 +232,39 @@ def require_columns(ds: Dataset, needed: dict[str, str], split: str) -> None:
                 f"{split} split has no column {column!r} for {role} (columns found: {', '.join(ds.column_names)}); "
                 f"set data.columns.{role}=COLUMN"
             )
+
+
+def split_origin(recipe: Recipe, split: str) -> str:
+    """'validation split (data/val.jsonl)': where a split's rows came from, for error messages."""
+    files = _as_list(getattr(recipe.data, split, None))
+    if files:
+        return f"{split} split ({', '.join(files)})"
+    if recipe.data.load:
+        return f"{split} split of {recipe.data.load.get('path')}"
+    return f"{split} split"
+
+
+def drop_bad_rows(recipe: Recipe, ds: Dataset, split: str, reason_of: Any, can_keep: bool = True) -> Dataset:
+    """Apply data.on_bad_rows to the rows for which `reason_of(row)` returns a reason.
+
+    error: fail on the first bad row (naming split, row and fix); skip: drop them, with one warning;
+    warn: keep them with one warning (dropped anyway when `can_keep` is False: they cannot be used).
+    """
+    import logging
+
+    bad = [(i, why) for i, row in enumerate(ds) if (why := reason_of(row))]
+    if not bad:
+        return ds
+    policy = recipe.data.on_bad_rows
+    first_row, first_why = bad[0]
+    where = split_origin(recipe, split)
+    if policy == "error":
+        more = f" ({len(bad)} bad rows in all)" if len(bad) > 1 else ""
+        raise DataError(f"{where}, row {first_row}: {first_why}{more}; fix the data, or set data.on_bad_rows=skip to drop such rows")
+    log = logging.getLogger("llmkit")
+    if policy == "warn" and can_keep:
+        log.warning("%s: %d bad rows kept (first: row %d: %s)", where, len(bad), first_row, first_why)
+        return ds
+    log.warning("%s: %d bad rows dropped (first: row %d: %s)", where, len(bad), first_row, first_why)
+    drop = {i for i, _ in bad}
+    return ds.select([i for i in range(len(ds)) if i not in drop])

@@ -64,6 +64,8 @@ def get_tokenizer(recipe: Recipe, task: Task, train: Any) -> Any:
     if t.name_or_path:
         tok = load_tokenizer(t.name_or_path, recipe)
     elif t.train is not None:
+        if train is None:
+            raise RecipeError("this recipe trains its tokenizer: predict from the run folder it made instead")
         tok = train_tokenizer(recipe, task, train)
     elif recipe.model.name_or_path:
         tok = load_tokenizer(recipe.model.name_or_path, recipe)
@@ -224,7 +226,8 @@ def build_config(recipe: Recipe, task: Task, tokenizer: Any, extra: dict) -> Any
                 setattr(config, f"{role}_token_id", tid)
         if tokenizer.pad_token_id is not None:
             config.pad_token_id = tokenizer.pad_token_id
-        if getattr(config, "decoder_start_token_id", "absent") is None:
+        if task.seq2seq and getattr(config, "decoder_start_token_id", None) is None:
+            # T5-style: the decoder starts from the pad token.
             config.decoder_start_token_id = tokenizer.pad_token_id
         for attr in ("max_position_embeddings", "n_positions"):
             if hasattr(config, attr) and attr not in cfg and getattr(config, attr) < recipe.data.max_length:
@@ -241,9 +244,11 @@ def build_model(recipe: Recipe, task: Task, tokenizer: Any, extra: dict | None =
     """
     import torch
 
+    m = recipe.model
+    if m.encoder:
+        return _encoder_decoder(recipe, tokenizer, meta)
     config = build_config(recipe, task, tokenizer, extra or {})
     auto = _auto_class(task)
-    m = recipe.model
     if meta:
         with torch.device("meta"):
             return auto.from_config(config)
@@ -257,8 +262,54 @@ def build_model(recipe: Recipe, task: Task, tokenizer: Any, extra: dict | None =
             raise RecipeError(f"cannot load model {m.name_or_path!r}: {first}{_offline_hint()}") from None
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(tokenizer))
-        return model
-    return auto.from_config(config)
+    else:
+        model = auto.from_config(config)
+    if task.seq2seq:
+        configure_generation(model, recipe, tokenizer)
+    return model
+
+
+def _encoder_decoder(recipe: Recipe, tokenizer: Any, meta: bool) -> Any:
+    """An EncoderDecoderModel warm-started from two encoder checkpoints (e.g. bert2bert)."""
+    import torch
+    from transformers import AutoConfig, EncoderDecoderConfig, EncoderDecoderModel
+
+    m = recipe.model
+    decoder = m.decoder or m.encoder
+    try:
+        if meta:
+            config = EncoderDecoderConfig.from_encoder_decoder_configs(
+                AutoConfig.from_pretrained(m.encoder), AutoConfig.from_pretrained(decoder))
+            with torch.device("meta"):
+                return EncoderDecoderModel(config=config)
+        model = EncoderDecoderModel.from_encoder_decoder_pretrained(m.encoder, decoder)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise RecipeError(f"cannot load model.encoder/decoder ({m.encoder}, {decoder}): {first}{_offline_hint()}") from None
+    start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+    end = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    for cfg in (model.config, model.generation_config):
+        cfg.decoder_start_token_id, cfg.bos_token_id = start, start
+        cfg.eos_token_id, cfg.pad_token_id = end, tokenizer.pad_token_id
+    model.config.vocab_size = model.config.decoder.vocab_size
+    configure_generation(model, recipe, tokenizer)
+    return model
+
+
+def configure_generation(model: Any, recipe: Recipe, tokenizer: Any) -> None:
+    """Apply the recipe's `generation:` settings; bound the summary length by data.max_target_length."""
+    gen = model.generation_config
+    settings = dict(recipe.generation or {})
+    if "max_new_tokens" not in settings and "max_length" not in settings:
+        settings["max_new_tokens"] = recipe.data.max_target_length
+    if "max_new_tokens" in settings:
+        settings.setdefault("max_length", None)  # else the default max_length=20 competes with it
+    for key, value in settings.items():
+        setattr(gen, key, value)
+    if gen.pad_token_id is None:
+        gen.pad_token_id = tokenizer.pad_token_id
+    if gen.decoder_start_token_id is None:
+        gen.decoder_start_token_id = getattr(model.config, "decoder_start_token_id", None)
 
 
 def count_parameters(model: Any) -> tuple[int, int]:

@@ -102,6 +102,9 @@ def prepare_data(recipe: Recipe, task: Task, args: Any, only: str | None = None)
                 f"the data has no {only!r} split (splits: {', '.join(raw)}); "
                 f"name it with data.{only}=path/to/file or pick another --split"
             )
+        labels = task.labels(recipe, raw)
+        if labels is not None:
+            recipe.options.labels = labels
         tokenizer = modeling.get_tokenizer(recipe, task, raw["train"])
         todo = DatasetDict({only: raw[only]}) if only else raw
         tokenized = task.preprocess(recipe, todo, tokenizer)
@@ -149,6 +152,12 @@ def estimate(recipe: Recipe, task: Task, tokenizer: Any, tokenized: Any, model_k
     }
 
 
+def trainer_class(task: Task) -> type:
+    import transformers
+
+    return transformers.Seq2SeqTrainer if task.seq2seq else transformers.Trainer
+
+
 # --------------------------------------------------------------------------- train
 
 
@@ -158,7 +167,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, dry_
     With dry_run=True everything is validated and tokenized but nothing is trained or written;
     the estimate (parameters, tokens per step, steps, epochs) is returned instead.
     """
-    from transformers import Trainer, set_seed
+    from transformers import set_seed
 
     from llmkit import modeling
 
@@ -170,15 +179,15 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, dry_
     started = time.time()
     set_seed(args.seed)
     raw, tokenizer, tokenized = prepare_data(recipe, task, args)
-    model_kwargs = task.model_kwargs(recipe, raw)
+    model_kwargs = task.model_kwargs(recipe)
     if dry_run:
         return estimate(recipe, task, tokenizer, tokenized, model_kwargs)
 
     model = modeling.build_model(recipe, task, tokenizer, model_kwargs)
     trainable, total = modeling.count_parameters(model)
     log.info("Model %s: %s parameters (%s trainable)", modeling.describe_model(recipe), f"{total:,}", f"{trainable:,}")
-    compute_metrics, reduce_logits = task.metrics(recipe, tokenizer)
-    trainer = Trainer(
+    compute_metrics, reduce_logits = task.metrics(recipe, tokenizer, tokenized.get("validation"))
+    trainer = trainer_class(task)(
         model=model,
         args=args,
         data_collator=task.collator(recipe, tokenizer, model),
@@ -276,6 +285,11 @@ def recipe_for_evaluation(target: Path, overrides: list[str]) -> Recipe:
                 f"finish it with `llmkit ... --resume`, or evaluate a checkpoint folder in it"
             )
         raw = load_raw(saved)
+        config = json.loads((target / "config.json").read_text()) if (target / "config.json").exists() else {}
+        if "id2label" in config and "labels" in getattr(get_task(raw.get("task")).Options, "__dataclass_fields__", {}):
+            # The trained head's label order, not one re-derived from (possibly different) data.
+            id2label = config["id2label"]
+            raw.setdefault("options", {})["labels"] = [id2label[str(i)] for i in range(len(id2label))]
         raw["model"] = {k: v for k, v in raw.get("model", {}).items() if k in ("trust_remote_code", "revision")}
         raw["model"]["name_or_path"] = str(target)
         raw["tokenizer"] = {"name_or_path": str(target)}
@@ -290,8 +304,6 @@ def recipe_for_evaluation(target: Path, overrides: list[str]) -> Recipe:
 
 def evaluate(recipe: Recipe, split: str = "validation") -> dict:
     """Evaluate the recipe's model on one split; write eval_<split>.json to output_dir and return the metrics."""
-    from transformers import Trainer
-
     from llmkit import modeling
 
     task = get_task(recipe.task)
@@ -299,9 +311,9 @@ def evaluate(recipe: Recipe, split: str = "validation") -> dict:
         resolve(recipe)
     args = recipe.args
     raw, tokenizer, tokenized = prepare_data(recipe, task, args, only=split)
-    model = modeling.build_model(recipe, task, tokenizer, task.model_kwargs(recipe, raw))
-    compute_metrics, reduce_logits = task.metrics(recipe, tokenizer)
-    trainer = Trainer(
+    model = modeling.build_model(recipe, task, tokenizer, task.model_kwargs(recipe))
+    compute_metrics, reduce_logits = task.metrics(recipe, tokenizer, tokenized[split])
+    trainer = trainer_class(task)(
         model=model,
         args=args,
         data_collator=task.collator(recipe, tokenizer, model),
@@ -324,3 +336,71 @@ def check_stage(recipe: Recipe, stage: str) -> None:
     if task.stage != stage:
         other = "pretrain" if task.stage == "pretrain" else "finetune"
         raise RecipeError(f"task {task.name!r} is a {task.stage} task: run it with `llmkit {other}`")
+
+
+# --------------------------------------------------------------------------- predict
+
+
+def read_inputs(path: Path) -> list[dict]:
+    """Rows to predict on: JSONL/JSON (objects), CSV (header row) or TXT (one text per line)."""
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        raise LlmkitError(f"input file not found: {path}; pass --input path/to/inputs.jsonl")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise LlmkitError(f"{path}: not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        if suffix == ".json" and text.lstrip().startswith("["):
+            rows = json.loads(text)
+        else:
+            rows = []
+            for lineno, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise LlmkitError(f"{path}:{lineno}: invalid JSON ({e.msg}); one JSON object per line") from None
+    elif suffix in (".csv", ".tsv"):
+        rows = list(csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ","))
+    elif suffix == ".txt":
+        rows = [{"text": line} for line in text.splitlines() if line.strip()]
+    else:
+        raise LlmkitError(f"{path}: unknown input format {suffix or '(none)'}; use .jsonl, .json, .csv or .txt")
+    if not rows:
+        raise LlmkitError(f"{path}: no rows to predict on")
+    if not all(isinstance(r, dict) for r in rows):
+        raise LlmkitError(f"{path}: every row must be a JSON object with the input columns")
+    return rows
+
+
+def predict(recipe: Recipe, input_path: Path, output_path: Path, overwrite: bool = False) -> int:
+    """Run the recipe's model on a file of inputs and write one JSON line per input. Returns the row count."""
+    from llmkit import modeling
+
+    task = get_task(recipe.task)
+    if task.predict is None:
+        raise LlmkitError(f"task {task.name!r} has no predict; use `llmkit evaluate` for its metrics")
+    output_path = Path(output_path)
+    if output_path.exists() and not overwrite:
+        raise LlmkitError(f"{output_path} exists; pass --overwrite to replace it or choose another --output")
+    rows = read_inputs(input_path)
+    column = task.column(recipe, task.input_columns[0])
+    if column not in rows[0]:
+        if "text" not in rows[0]:
+            raise LlmkitError(f"{input_path}: rows need a {column!r} (or 'text') column (found: {', '.join(rows[0])})")
+        rows = [{**r, column: r["text"]} for r in rows]
+    tokenizer = modeling.get_tokenizer(recipe, task, None)
+    model = modeling.build_model(recipe, task, tokenizer, task.model_kwargs(recipe) if recipe.options.labels else {})
+    model.eval()
+    outputs = task.predict(recipe, model, tokenizer, rows)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output_path.with_name(f".{output_path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for row, out in zip(rows, outputs, strict=True):
+            f.write(json.dumps({**row, **out}, ensure_ascii=False) + "\n")
+    tmp.replace(output_path)
+    return len(rows)

@@ -34,10 +34,16 @@ class Task:
     collator: Callable[..., Any]
     # (recipe, train Dataset) -> texts to train a tokenizer on
     corpus: Callable[..., Iterator[str]]
-    # (recipe, tokenizer) -> (compute_metrics, preprocess_logits_for_metrics) or (None, None)
-    metrics: Callable[..., tuple[Any, Any]] = field(default=lambda recipe, tokenizer: (None, None))
-    # (recipe, raw DatasetDict) -> extra kwargs for the model config (labels, problem_type)
-    model_kwargs: Callable[..., dict] = field(default=lambda recipe, ds: {})
+    # (recipe, tokenizer, tokenized eval Dataset) -> (compute_metrics, preprocess_logits_for_metrics)
+    metrics: Callable[..., tuple[Any, Any]] = field(default=lambda recipe, tokenizer, ds: (None, None))
+    # (recipe, raw DatasetDict) -> the label names (None for tasks without labels); checks every split
+    labels: Callable[..., list[str] | None] = field(default=lambda recipe, ds: None)
+    # (recipe) -> extra kwargs for the model config (labels, problem_type)
+    model_kwargs: Callable[..., dict] = field(default=lambda recipe: {})
+    # (recipe, model, tokenizer, rows) -> one output dict per input row
+    predict: Callable[..., list[dict]] | None = None
+    input_columns: tuple[str, ...] = ("text",)  # roles a predict input file must have
+    trainer_defaults: dict = field(default_factory=dict)  # TrainingArguments defaults for this task
     validate: Callable[[Any], None] = _no_check
     perplexity: bool = False  # report exp(eval_loss)
     seq2seq: bool = False
@@ -53,9 +59,9 @@ class Task:
 
 
 def _registry() -> dict[str, Task]:
-    from llmkit.tasks import clm, mlm
+    from llmkit.tasks import classification, clm, mlm, ner, summarization
 
-    return {t.name: t for t in (mlm.TASK, clm.TASK)}
+    return {t.name: t for t in (mlm.TASK, clm.TASK, classification.TASK, ner.TASK, summarization.TASK)}
 
 
 TASKS: dict[str, Task] = {}

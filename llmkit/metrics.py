@@ -1,0 +1,128 @@
+"""The one place that touches evaluate and the metric backends (scikit-learn, seqeval, rouge_score).
+
+llmkit's metrics are `evaluate.Metric` modules computed locally, so they work offline; names in a
+recipe's `metrics:` list are resolved with `evaluate.load` and need the Hub (or a local script).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from llmkit.errors import RecipeError
+
+
+def classification_scores(predictions: Any, references: Any, multi_label: bool = False) -> dict[str, float]:
+    """Accuracy (subset accuracy for multi-label), macro/micro F1, macro precision and recall."""
+    import numpy as np
+    from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
+
+    p, r = np.asarray(predictions), np.asarray(references)
+    scores = {
+        "accuracy": accuracy_score(r, p),
+        "f1_macro": f1_score(r, p, average="macro", zero_division=0),
+        "f1_micro": f1_score(r, p, average="micro", zero_division=0),
+        "precision": precision_score(r, p, average="macro", zero_division=0),
+        "recall": recall_score(r, p, average="macro", zero_division=0),
+    }
+    return {k: float(v) for k, v in scores.items()}
+
+
+def seqeval_scores(predictions: list[list[str]], references: list[list[str]]) -> dict[str, float]:
+    """Entity-level precision/recall/F1 (CoNLL style) overall and per type, plus token accuracy."""
+    from seqeval.metrics import accuracy_score, classification_report, f1_score, precision_score, recall_score
+
+    scores = {
+        "precision": precision_score(references, predictions, zero_division=0),
+        "recall": recall_score(references, predictions, zero_division=0),
+        "f1": f1_score(references, predictions, zero_division=0),
+        "token_accuracy": accuracy_score(references, predictions),
+    }
+    report = classification_report(references, predictions, output_dict=True, zero_division=0)
+    for name, row in report.items():
+        if not name.endswith(" avg"):
+            scores[f"{name}_f1"] = row["f1-score"]
+    return {k: float(v) for k, v in scores.items()}
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def split_sentences(text: str) -> str:
+    """One sentence per line, as rougeLsum expects (a regex: nltk's punkt data is not offline)."""
+    return "\n".join(s for s in _SENTENCE_END.split(text.strip()) if s)
+
+
+def rouge_scores(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
+    """ROUGE-1/2/L/Lsum F-measure x100, averaged; with several references an example scores its best."""
+    from rouge_score import rouge_scorer
+
+    kinds = ["rouge1", "rouge2", "rougeL", "rougeLsum"]
+    scorer = rouge_scorer.RougeScorer(kinds, use_stemmer=True)
+    totals = dict.fromkeys(kinds, 0.0)
+    for pred, refs in zip(predictions, references, strict=True):
+        refs = [split_sentences(r) for r in refs if r and r.strip()] or [""]
+        best = scorer.score_multi(refs, split_sentences(pred))
+        for k in kinds:
+            totals[k] += best[k].fmeasure
+    n = max(len(predictions), 1)
+    return {k: 100 * v / n for k, v in totals.items()}
+
+
+def _module(name: str, features: dict, fn: Any) -> Any:
+    import datasets
+    import evaluate
+
+    class _Local(evaluate.Metric):
+        def _info(self) -> Any:
+            return evaluate.MetricInfo(
+                description=f"llmkit {name} (computed locally)", citation="", inputs_description="",
+                features=datasets.Features(features),
+            )
+
+        def _compute(self, predictions: Any, references: Any, **kwargs: Any) -> dict:
+            return fn(predictions, references, **kwargs)
+
+    _Local.__name__ = f"llmkit_{name}"
+    return _Local()
+
+
+def load_metric(name: str) -> Any:
+    """An evaluate module: llmkit's local ones ("classification", "seqeval", "rouge"), else evaluate.load."""
+    from datasets import Sequence, Value
+
+    local = {
+        "classification": ({"predictions": Value("int64"), "references": Value("int64")}, classification_scores),
+        "multilabel": ({"predictions": Sequence(Value("int64")), "references": Sequence(Value("int64"))},
+                       lambda p, r: classification_scores(p, r, multi_label=True)),
+        "seqeval": ({"predictions": Sequence(Value("string")), "references": Sequence(Value("string"))}, seqeval_scores),
+        "rouge": ({"predictions": Value("string"), "references": Sequence(Value("string"))}, rouge_scores),
+    }
+    if name in local:
+        return _module(name, *local[name])
+    import evaluate
+
+    try:
+        return evaluate.load(name)
+    except Exception as e:  # noqa: BLE001 - offline, missing and broken modules fail differently
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RecipeError(
+            f"metrics: cannot load {name!r} with evaluate.load ({first}); offline, remove it from the recipe's "
+            f"metrics list (llmkit's built-in metrics always run) or give a local metric script path"
+        ) from None
+
+
+def extra_metrics(names: list[str]) -> list[Any]:
+    """Load the recipe's extra `metrics:` modules up front, so a missing one fails before training."""
+    return [(name, load_metric(name)) for name in names]
+
+
+def compute_extra(modules: list[tuple[str, Any]], predictions: Any, references: Any) -> dict[str, float]:
+    """Run the extra modules; their scalar results are prefixed with the module name."""
+    out: dict[str, float] = {}
+    for name, module in modules:
+        result = module.compute(predictions=predictions, references=references) or {}
+        for key, value in result.items():
+            if isinstance(value, (int, float)):
+                out[f"{name.split('/')[-1]}_{key}" if key != name else key] = float(value)
+    return out

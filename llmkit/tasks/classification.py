@@ -1,0 +1,157 @@
+"""Text classification: single-label or multi-label, optional text pair, dynamic padding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from llmkit.data import drop_bad_rows, require_columns
+from llmkit.errors import DataError, RecipeError
+from llmkit.tasks import Task
+from llmkit.tasks._labels import feature_names, resolve_labels
+
+SINGLE, MULTI = "single_label_classification", "multi_label_classification"
+
+
+@dataclass
+class Options:
+    labels: list | None = None  # label names in id order; default: the ClassLabel names or sorted train labels
+    problem_type: str = SINGLE  # or multi_label_classification (each row's label is a list)
+    threshold: float = 0.5  # multi-label: a label is predicted when its probability exceeds this
+
+
+def _validate(recipe: Any) -> None:
+    if recipe.options.problem_type not in (SINGLE, MULTI):
+        raise RecipeError(f"options.problem_type must be {SINGLE} or {MULTI}, got {recipe.options.problem_type!r}")
+
+
+def _multi(recipe: Any) -> bool:
+    return recipe.options.problem_type == MULTI
+
+
+def _cols(recipe: Any) -> tuple[str, str | None, str]:
+    pair = recipe.data.columns.get("text_pair")
+    return TASK.column(recipe, "text"), pair, TASK.column(recipe, "label")
+
+
+def _labels(recipe: Any, ds: Any) -> list[str]:
+    _, _, label = _cols(recipe)
+    values = {}
+    for split, data in ds.items():
+        require_columns(data, {"label": label}, split)
+        column = data[label]
+        if _multi(recipe):
+            bad = next((i for i, v in enumerate(column) if not isinstance(v, list)), None)
+            if bad is not None:
+                raise DataError(f"{split} split, row {bad}: multi-label rows need a list of labels, got {column[bad]!r}")
+            values[split] = [(i, v) for i, vs in enumerate(column) for v in vs]
+        else:
+            values[split] = list(enumerate(column))
+    return resolve_labels(recipe, values, feature_names(ds["train"].features[label]))
+
+
+def _preprocess(recipe: Any, ds: Any, tokenizer: Any) -> Any:
+    from datasets import DatasetDict
+
+    text, pair, label = _cols(recipe)
+    names = recipe.options.labels
+    index = {n: i for i, n in enumerate(names)}
+    n = len(names)
+
+    def to_id(v: Any) -> int:
+        return v if isinstance(v, int) else index[str(v)]
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        enc = tokenizer(batch[text], batch[pair] if pair else None, truncation=True, max_length=recipe.data.max_length)
+        if label in batch:
+            if _multi(recipe):
+                enc["labels"] = [[1.0 if i in {to_id(v) for v in vs} else 0.0 for i in range(n)] for vs in batch[label]]
+            else:
+                enc["labels"] = [to_id(v) for v in batch[label]]
+        return enc
+
+    out = {}
+    for split, data in ds.items():
+        require_columns(data, {"text": text, **({"text_pair": pair} if pair else {})}, split)
+        data = drop_bad_rows(recipe, data, split,
+                             lambda row: None if isinstance(row[text], str) and row[text].strip() else "empty text")
+        out[split] = data.map(encode, batched=True, remove_columns=data.column_names,
+                              num_proc=recipe.data.num_proc, desc=f"Tokenizing {split}")
+    return DatasetDict(out)
+
+
+def _model_kwargs(recipe: Any) -> dict:
+    names = recipe.options.labels
+    return {"num_labels": len(names), "id2label": dict(enumerate(names)),
+            "label2id": {n: i for i, n in enumerate(names)}, "problem_type": recipe.options.problem_type}
+
+
+def _metrics(recipe: Any, tokenizer: Any, eval_ds: Any) -> tuple[Any, Any]:
+    from llmkit.metrics import compute_extra, extra_metrics, load_metric
+
+    multi = _multi(recipe)
+    module = load_metric("multilabel" if multi else "classification")
+    extra = extra_metrics(recipe.metrics)
+    threshold = recipe.options.threshold
+
+    def reduce(logits: Any, labels: Any) -> Any:
+        # Per batch: keep the decision, not the logits.
+        if isinstance(logits, tuple):
+            logits = logits[0]
+        return (logits.sigmoid() > threshold).long() if multi else logits.argmax(-1)
+
+    def compute(p: Any) -> dict:
+        preds, refs = p.predictions, p.label_ids
+        refs = refs.astype("int64")
+        scores = module.compute(predictions=preds.tolist(), references=refs.tolist())
+        if not multi:
+            scores.update(compute_extra(extra, preds.tolist(), refs.tolist()))
+        return scores
+
+    return compute, reduce
+
+
+def _predict(recipe: Any, model: Any, tokenizer: Any, rows: list[dict]) -> list[dict]:
+    import torch
+
+    text, pair, _ = _cols(recipe)
+    id2label = model.config.id2label
+    out = []
+    for start in range(0, len(rows), 32):
+        batch = rows[start : start + 32]
+        enc = tokenizer([r[text] for r in batch], [r[pair] for r in batch] if pair else None, truncation=True,
+                        max_length=recipe.data.max_length, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            logits = model(**enc).logits.float()
+        if _multi(recipe):
+            probs = logits.sigmoid()
+            for p in probs:
+                picked = [id2label[i] for i, v in enumerate(p.tolist()) if v > recipe.options.threshold]
+                out.append({"labels": picked, "scores": {id2label[i]: round(v, 4) for i, v in enumerate(p.tolist())}})
+        else:
+            probs = logits.softmax(-1)
+            for p in probs:
+                best = int(p.argmax())
+                out.append({"label": id2label[best], "score": round(float(p[best]), 4)})
+    return out
+
+
+TASK = Task(
+    name="classification",
+    stage="finetune",
+    description="text classification (single- or multi-label, optional text pair)",
+    auto_model="AutoModelForSequenceClassification",
+    peft_task_type="SEQ_CLS",
+    Options=Options,
+    columns={"text": "text", "label": "label"},
+    preprocess=_preprocess,
+    collator=lambda recipe, tokenizer, model: __import__("transformers").DataCollatorWithPadding(tokenizer),
+    corpus=lambda recipe, train: (t for t in train[_cols(recipe)[0]] if isinstance(t, str)),
+    metrics=_metrics,
+    labels=_labels,
+    model_kwargs=_model_kwargs,
+    predict=_predict,
+    input_columns=("text",),
+    validate=_validate,
+    tokens_per_sample=False,
+)
