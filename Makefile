@@ -23,8 +23,8 @@ test: $(BIN)/llmkit  ## the full offline test suite (unit, smoke, distributed)
 	$(BIN)/python -m pytest -q
 
 lint: $(BIN)/llmkit
-	$(BIN)/ruff check llmkit tests
-	$(BIN)/ruff format --check llmkit tests
+	$(BIN)/ruff check llmkit tests benchmarks
+	$(BIN)/ruff format --check llmkit tests benchmarks
 
 demo: $(BIN)/llmkit  ## install, then pretrain the default BERT recipe (offline, ~5 min on 2 cores)
 	$(BIN)/llmkit pretrain recipes/bert.yaml --overwrite

@@ -147,7 +147,9 @@ def _recipe_for_task(recipe: str | None, task: str | None, overrides: list[str])
     if task is not None:
         declared = load_raw(recipe).get("task")
         if declared != task:
-            raise LlmkitError(f"--task {task} disagrees with {recipe}, which is a {declared!r} recipe; drop one of them")
+            raise LlmkitError(
+                f"--task {task} disagrees with {recipe}, which is a {declared!r} recipe; drop one of them"
+            )
     return Path(recipe), overrides
 
 
@@ -155,7 +157,9 @@ def _recipe_for_task(recipe: str | None, task: str | None, overrides: list[str])
 def finetune(
     recipe: str = typer.Argument(None, help="Recipe YAML file (or use --task).", show_default=False),
     overrides: list[str] = OverridesArg,
-    task: str = typer.Option(None, "--task", help="Use the shipped recipe for this task: classification, ner, summarization."),
+    task: str = typer.Option(
+        None, "--task", help="Use the shipped recipe for this task: classification, ner, summarization."
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and estimate; train nothing."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished run in output_dir."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in output_dir from its newest checkpoint."),
@@ -210,6 +214,26 @@ def predict(
         _setup_logging()
         n = run.predict(r, input, output, overwrite=overwrite)
         typer.echo(f"Wrote {n} predictions to {output}")
+
+    guarded(debug, go)
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="A finished run folder."),
+    out_dir: Path = typer.Argument(..., help="Where to write the exported model."),
+    merge: bool = typer.Option(False, "--merge", help="Merge a LoRA adapter into its base: one standalone model."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT_DIR."),
+    debug: bool = DebugOpt,
+) -> None:
+    """Export a run's model (or its LoRA adapter, or base + adapter merged with --merge)."""
+
+    def go() -> None:
+        from llmkit import run
+
+        _setup_logging()
+        kind = run.export(run_dir, out_dir, merge=merge, overwrite=overwrite)
+        typer.echo(f"Exported the {kind} to {out_dir}")
 
     guarded(debug, go)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import os
 import re
 import types
 import typing
@@ -145,6 +146,7 @@ class ModelSection:
     decoder: str | None = None
     revision: str | None = None
     trust_remote_code: bool = False
+    quantization: dict | None = None  # transformers.BitsAndBytesConfig kwargs (QLoRA): needs CUDA + bitsandbytes
 
 
 @dataclass
@@ -359,8 +361,9 @@ def shipped_recipe(task: str) -> Path:
 
     path = shipped_recipes_dir() / f"{task}.yaml"
     if not path.is_file():
-        raise RecipeError(f"no shipped recipe for task {task!r}{suggest(task, all_tasks())}; "
-                          f"tasks: {', '.join(all_tasks())}")
+        raise RecipeError(
+            f"no shipped recipe for task {task!r}{suggest(task, all_tasks())}; tasks: {', '.join(all_tasks())}"
+        )
     return path
 
 
@@ -377,6 +380,14 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 # llmkit's defaults under the recipe's trainer section (the recipe wins).
 TRAINER_DEFAULTS = {"report_to": ["tensorboard"]}
+
+
+def _has_accelerator() -> bool:
+    import torch
+    from transformers.utils import is_torch_xla_available
+
+    xpu = hasattr(torch, "xpu") and torch.xpu.is_available()
+    return torch.cuda.is_available() or torch.backends.mps.is_available() or xpu or is_torch_xla_available()
 
 
 def fast_bf16_available() -> bool:
@@ -418,6 +429,24 @@ def _construct(cls: type, kwargs: dict, path: str) -> Any:
         raise RecipeError(f"{path}: {first}") from None
 
 
+def _check_quantization(settings: dict) -> None:
+    """4-bit/8-bit loading (QLoRA) runs only on CUDA with bitsandbytes: say so before any work."""
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RecipeError(
+            "model.quantization (4-bit/8-bit, QLoRA) needs a CUDA GPU; this machine has none. "
+            "Remove model.quantization to train LoRA in full precision"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise RecipeError("model.quantization (QLoRA) needs bitsandbytes: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    _construct(BitsAndBytesConfig, settings, "model.quantization")
+
+
 def resolve(recipe: Recipe) -> Recipe:
     """Build the Hugging Face objects of the recipe (TrainingArguments, LoraConfig, GenerationConfig).
 
@@ -429,6 +458,10 @@ def resolve(recipe: Recipe) -> Recipe:
     trainer = {**TRAINER_DEFAULTS, **task.trainer_defaults, **recipe.trainer}
     if "bf16" not in trainer and "fp16" not in trainer:
         trainer["bf16"] = fast_bf16_available()
+    if "use_cpu" not in trainer and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
+        # Under torchrun on a CPU-only machine, Accelerate sets up gloo DDP only when told it is on CPU;
+        # otherwise every process trains alone (world size 1).
+        trainer["use_cpu"] = True
     if "dataloader_pin_memory" not in trainer:
         import torch
 
@@ -436,6 +469,8 @@ def resolve(recipe: Recipe) -> Recipe:
         trainer["dataloader_pin_memory"] = torch.cuda.is_available()
     recipe.trainer = trainer
     recipe.args = _construct(task.training_args_cls(), trainer, "trainer")
+    if recipe.model.quantization is not None:
+        _check_quantization(recipe.model.quantization)
     if recipe.peft is not None:
         import peft
 

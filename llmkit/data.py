@@ -153,18 +153,17 @@ def _load_files(files: dict[str, list[str]]) -> DatasetDict:
     if fmt == "conll":
         return DatasetDict({split: _conll_dataset(paths) for split, paths in files.items()})
     kwargs = {"delimiter": "\t"} if all(p.endswith(".tsv") for ps in files.values() for p in ps) else {}
-    try:
-        return load_dataset(fmt, data_files=files, **kwargs)
-    except Exception as e:  # noqa: BLE001 - pyarrow/pandas parse errors come in many types
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        cause = e.__cause__ or e.__context__
-        if cause is not None and str(cause).strip():
-            msg = f"{msg}: {str(cause).strip().splitlines()[0]}"
-        raise DataError(f"cannot read {fmt} data {_describe(files)}: {msg}") from None
-
-
-def _describe(files: dict[str, list[str]]) -> str:
-    return ", ".join(f"{s}={','.join(p)}" for s, p in files.items())
+    out = {}
+    for split, paths in files.items():  # one split at a time: splits may differ in columns
+        try:
+            out[split] = load_dataset(fmt, data_files={split: paths}, split=split, **kwargs)
+        except Exception as e:  # noqa: BLE001 - pyarrow/pandas parse errors come in many types
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            cause = e.__cause__ or e.__context__
+            if cause is not None and str(cause).strip():
+                msg = f"{msg}: {str(cause).strip().splitlines()[0]}"
+            raise DataError(f"cannot read {fmt} data {', '.join(paths)} (data.{split}): {msg}") from None
+    return DatasetDict(out)
 
 
 def _load_hub(load: dict) -> DatasetDict:
@@ -214,6 +213,9 @@ def load_splits(recipe: Recipe, seed: int = 42) -> DatasetDict:
         raise DataError(
             f"the data has no train split (found: {', '.join(ds) or 'none'}); name one with data.train=path"
         )
+    for split, data in ds.items():
+        if len(data) == 0:
+            raise DataError(f"the {split_origin(recipe, split)} is empty; point data.{split} at a file with rows")
     if "validation" not in ds and d.validation_split > 0 and len(ds["train"]) >= 2:
         parts = ds["train"].train_test_split(test_size=d.validation_split, seed=seed)
         ds["train"], ds["validation"] = parts["train"], parts["test"]
@@ -260,7 +262,9 @@ def drop_bad_rows(recipe: Recipe, ds: Dataset, split: str, reason_of: Any, can_k
     where = split_origin(recipe, split)
     if policy == "error":
         more = f" ({len(bad)} bad rows in all)" if len(bad) > 1 else ""
-        raise DataError(f"{where}, row {first_row}: {first_why}{more}; fix the data, or set data.on_bad_rows=skip to drop such rows")
+        raise DataError(
+            f"{where}, row {first_row}: {first_why}{more}; fix the data, or set data.on_bad_rows=skip to drop such rows"
+        )
     log = logging.getLogger("llmkit")
     if policy == "warn" and can_keep:
         log.warning("%s: %d bad rows kept (first: row %d: %s)", where, len(bad), first_row, first_why)

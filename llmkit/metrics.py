@@ -76,7 +76,9 @@ def _module(name: str, features: dict, fn: Any) -> Any:
     class _Local(evaluate.Metric):
         def _info(self) -> Any:
             return evaluate.MetricInfo(
-                description=f"llmkit {name} (computed locally)", citation="", inputs_description="",
+                description=f"llmkit {name} (computed locally)",
+                citation="",
+                inputs_description="",
                 features=datasets.Features(features),
             )
 
@@ -93,9 +95,14 @@ def load_metric(name: str) -> Any:
 
     local = {
         "classification": ({"predictions": Value("int64"), "references": Value("int64")}, classification_scores),
-        "multilabel": ({"predictions": Sequence(Value("int64")), "references": Sequence(Value("int64"))},
-                       lambda p, r: classification_scores(p, r, multi_label=True)),
-        "seqeval": ({"predictions": Sequence(Value("string")), "references": Sequence(Value("string"))}, seqeval_scores),
+        "multilabel": (
+            {"predictions": Sequence(Value("int64")), "references": Sequence(Value("int64"))},
+            lambda p, r: classification_scores(p, r, multi_label=True),
+        ),
+        "seqeval": (
+            {"predictions": Sequence(Value("string")), "references": Sequence(Value("string"))},
+            seqeval_scores,
+        ),
         "rouge": ({"predictions": Value("string"), "references": Sequence(Value("string"))}, rouge_scores),
     }
     if name in local:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmkit.data import cache_dir
@@ -247,15 +248,31 @@ def build_model(recipe: Recipe, task: Task, tokenizer: Any, extra: dict | None =
     m = recipe.model
     if m.encoder:
         return _encoder_decoder(recipe, tokenizer, meta)
-    config = build_config(recipe, task, tokenizer, extra or {})
     auto = _auto_class(task)
+    if m.name_or_path and (Path(m.name_or_path) / "adapter_config.json").exists():
+        if meta:
+            with torch.device("meta"):
+                return auto.from_config(_adapter_base_config(Path(m.name_or_path)))
+        return load_adapter_run(Path(m.name_or_path), auto, tokenizer)
+    config = build_config(recipe, task, tokenizer, extra or {})
     if meta:
         with torch.device("meta"):
             return auto.from_config(config)
     if m.name_or_path:
         try:
+            # A new head (its labels differ from the checkpoint's) starts random instead of failing.
+            quant = {}
+            if m.quantization:
+                from transformers import BitsAndBytesConfig
+
+                quant["quantization_config"] = BitsAndBytesConfig(**m.quantization)
             model = auto.from_pretrained(
-                m.name_or_path, config=config, revision=m.revision, trust_remote_code=m.trust_remote_code
+                m.name_or_path,
+                config=config,
+                revision=m.revision,
+                trust_remote_code=m.trust_remote_code,
+                ignore_mismatched_sizes="num_labels" in (extra or {}),
+                **quant,
             )
         except (OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0]
@@ -279,13 +296,16 @@ def _encoder_decoder(recipe: Recipe, tokenizer: Any, meta: bool) -> Any:
     try:
         if meta:
             config = EncoderDecoderConfig.from_encoder_decoder_configs(
-                AutoConfig.from_pretrained(m.encoder), AutoConfig.from_pretrained(decoder))
+                AutoConfig.from_pretrained(m.encoder), AutoConfig.from_pretrained(decoder)
+            )
             with torch.device("meta"):
                 return EncoderDecoderModel(config=config)
         model = EncoderDecoderModel.from_encoder_decoder_pretrained(m.encoder, decoder)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0]
-        raise RecipeError(f"cannot load model.encoder/decoder ({m.encoder}, {decoder}): {first}{_offline_hint()}") from None
+        raise RecipeError(
+            f"cannot load model.encoder/decoder ({m.encoder}, {decoder}): {first}{_offline_hint()}"
+        ) from None
     start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
     end = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
     for cfg in (model.config, model.generation_config):
@@ -310,6 +330,60 @@ def configure_generation(model: Any, recipe: Recipe, tokenizer: Any) -> None:
         gen.pad_token_id = tokenizer.pad_token_id
     if gen.decoder_start_token_id is None:
         gen.decoder_start_token_id = getattr(model.config, "decoder_start_token_id", None)
+
+
+# --------------------------------------------------------------------------- LoRA
+
+BASE_DIR = "base_model"  # in a LoRA run's output_dir: the base model's config (and weights if it had none elsewhere)
+
+
+def apply_lora(model: Any, recipe: Recipe, out: Path | None) -> Any:
+    """Wrap the model with LoRA adapters (recipe.lora); the task's new head stays fully trainable.
+
+    Saves what reloading needs to out/base_model: the base config (labels), and the base weights
+    when the base was built from a config rather than loaded from a checkpoint.
+    """
+    from peft import get_peft_model
+
+    if out is not None:
+        if recipe.model.name_or_path:
+            model.config.save_pretrained(out / BASE_DIR)
+        else:
+            model.save_pretrained(out / BASE_DIR)
+    try:
+        return get_peft_model(model, recipe.lora)
+    except (ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise RecipeError(f"peft: {first}; name the layers to adapt with peft.target_modules=[...]") from None
+
+
+def _adapter_base_config(run: Path) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(run / BASE_DIR)
+
+
+def load_adapter_run(run: Path, auto: Any, tokenizer: Any) -> Any:
+    """Base model + the LoRA adapter saved in a run folder, as a PeftModel (the base config carries the labels)."""
+    from peft import PeftModel
+
+    base_dir = run / BASE_DIR
+    base = (
+        str(base_dir)
+        if (base_dir / "model.safetensors").exists()
+        else json.loads((run / "adapter_config.json").read_text())["base_model_name_or_path"]
+    )
+    config = _adapter_base_config(run)
+    try:
+        model = auto.from_pretrained(base, config=config)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise RecipeError(
+            f"cannot load the base model {base!r} of the adapter in {run}: {first}{_offline_hint()}"
+        ) from None
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    return PeftModel.from_pretrained(model, str(run))
 
 
 def count_parameters(model: Any) -> tuple[int, int]:

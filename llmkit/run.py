@@ -40,7 +40,7 @@ def last_checkpoint(out: Path) -> Path | None:
     return max(ckpts)[1] if ckpts else None
 
 
-def prepare_output_dir(recipe: Recipe, overwrite: bool, resume: bool) -> Path | None:
+def prepare_output_dir(recipe: Recipe, overwrite: bool, resume: bool, main: bool = True) -> Path | None:
     """Decide what to do with an existing output_dir; return the checkpoint to resume from, if any.
 
     A finished run is never overwritten without --overwrite; an unfinished run of the same
@@ -56,8 +56,9 @@ def prepare_output_dir(recipe: Recipe, overwrite: bool, resume: bool) -> Path | 
     if overwrite:
         if resume:
             raise LlmkitError("--overwrite and --resume contradict each other; pick one")
-        log.warning("--overwrite: deleting the previous contents of %s", out)
-        shutil.rmtree(out)
+        if main:  # every rank decides the same; only the main process deletes
+            log.warning("--overwrite: deleting the previous contents of %s", out)
+            shutil.rmtree(out)
         return None
     fix = "pass --overwrite to replace it, or set trainer.output_dir=runs/NEW_NAME"
     if (out / FINISHED).exists():
@@ -67,7 +68,14 @@ def prepare_output_dir(recipe: Recipe, overwrite: bool, resume: bool) -> Path | 
         raise LlmkitError(f"{out} is not empty and is not an llmkit run; {fix}")
     from llmkit.config import parse_yaml
 
-    same = parse_yaml(saved.read_text(encoding="utf-8"), str(saved)) == json.loads(json.dumps(resolved_dict(recipe)))
+    def comparable(d: dict) -> dict:  # a run folder that was moved is still the same run
+        d = json.loads(json.dumps(d, default=str))
+        d.get("trainer", {}).pop("output_dir", None)
+        return d
+
+    same = comparable(parse_yaml(saved.read_text(encoding="utf-8"), str(saved)) or {}) == comparable(
+        resolved_dict(recipe)
+    )
     ckpt = last_checkpoint(out)
     if not same and not resume:
         raise LlmkitError(
@@ -152,6 +160,13 @@ def estimate(recipe: Recipe, task: Task, tokenizer: Any, tokenized: Any, model_k
     }
 
 
+def head_kwargs(task: Task, recipe: Recipe) -> dict:
+    """The task's model-config kwargs; none for a labelled task whose labels are unknown (take the checkpoint's)."""
+    if getattr(recipe.options, "labels", ()) is None:
+        return {}
+    return task.model_kwargs(recipe)
+
+
 def trainer_class(task: Task) -> type:
     import transformers
 
@@ -175,7 +190,13 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, dry_
     if recipe.args is None:
         resolve(recipe)
     args = recipe.args
-    ckpt = None if dry_run else prepare_output_dir(recipe, overwrite, resume)
+    ckpt = None
+    if not dry_run:
+        ckpt = prepare_output_dir(recipe, overwrite, resume, main=args.process_index == 0)
+        if args.world_size > 1:
+            from accelerate import PartialState
+
+            PartialState().wait_for_everyone()
     started = time.time()
     set_seed(args.seed)
     raw, tokenizer, tokenized = prepare_data(recipe, task, args)
@@ -184,8 +205,17 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, dry_
         return estimate(recipe, task, tokenizer, tokenized, model_kwargs)
 
     model = modeling.build_model(recipe, task, tokenizer, model_kwargs)
+    out = recipe.output_dir
+    if recipe.lora is not None:
+        model = modeling.apply_lora(model, recipe, out if args.process_index == 0 else None)
     trainable, total = modeling.count_parameters(model)
-    log.info("Model %s: %s parameters (%s trainable)", modeling.describe_model(recipe), f"{total:,}", f"{trainable:,}")
+    log.info(
+        "Model %s: %s parameters, %s trainable (%.2f%%)",
+        modeling.describe_model(recipe),
+        f"{total:,}",
+        f"{trainable:,}",
+        100 * trainable / max(total, 1),
+    )
     compute_metrics, reduce_logits = task.metrics(recipe, tokenizer, tokenized.get("validation"))
     trainer = trainer_class(task)(
         model=model,
@@ -197,7 +227,6 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, dry_
         compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=reduce_logits,
     )
-    out = recipe.output_dir
     if trainer.is_world_process_zero():
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.yaml").write_text(dump_yaml(resolved_dict(recipe)), encoding="utf-8")
@@ -285,7 +314,10 @@ def recipe_for_evaluation(target: Path, overrides: list[str]) -> Recipe:
                 f"finish it with `llmkit ... --resume`, or evaluate a checkpoint folder in it"
             )
         raw = load_raw(saved)
-        config = json.loads((target / "config.json").read_text()) if (target / "config.json").exists() else {}
+        config_file = next(
+            (f for f in (target / "config.json", target / "base_model" / "config.json") if f.exists()), None
+        )
+        config = json.loads(config_file.read_text()) if config_file else {}
         if "id2label" in config and "labels" in getattr(get_task(raw.get("task")).Options, "__dataclass_fields__", {}):
             # The trained head's label order, not one re-derived from (possibly different) data.
             id2label = config["id2label"]
@@ -363,7 +395,9 @@ def read_inputs(path: Path) -> list[dict]:
                     try:
                         rows.append(json.loads(line))
                     except json.JSONDecodeError as e:
-                        raise LlmkitError(f"{path}:{lineno}: invalid JSON ({e.msg}); one JSON object per line") from None
+                        raise LlmkitError(
+                            f"{path}:{lineno}: invalid JSON ({e.msg}); one JSON object per line"
+                        ) from None
     elif suffix in (".csv", ".tsv"):
         rows = list(csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ","))
     elif suffix == ".txt":
@@ -389,12 +423,15 @@ def predict(recipe: Recipe, input_path: Path, output_path: Path, overwrite: bool
         raise LlmkitError(f"{output_path} exists; pass --overwrite to replace it or choose another --output")
     rows = read_inputs(input_path)
     column = task.column(recipe, task.input_columns[0])
-    if column not in rows[0]:
-        if "text" not in rows[0]:
-            raise LlmkitError(f"{input_path}: rows need a {column!r} (or 'text') column (found: {', '.join(rows[0])})")
-        rows = [{**r, column: r["text"]} for r in rows]
+    for i, row in enumerate(rows):
+        if column not in row:
+            if "text" not in row:
+                raise LlmkitError(
+                    f"{input_path}, row {i}: needs a {column!r} (or 'text') column (found: {', '.join(row) or 'none'})"
+                )
+            row[column] = row["text"]
     tokenizer = modeling.get_tokenizer(recipe, task, None)
-    model = modeling.build_model(recipe, task, tokenizer, task.model_kwargs(recipe) if recipe.options.labels else {})
+    model = modeling.build_model(recipe, task, tokenizer, head_kwargs(task, recipe))
     model.eval()
     outputs = task.predict(recipe, model, tokenizer, rows)
     output_path.parent.mkdir(parents=True, exist_ok=True)
@@ -404,3 +441,61 @@ def predict(recipe: Recipe, input_path: Path, output_path: Path, overwrite: bool
             f.write(json.dumps({**row, **out}, ensure_ascii=False) + "\n")
     tmp.replace(output_path)
     return len(rows)
+
+
+# --------------------------------------------------------------------------- export
+
+
+def export(run_dir: Path, out_dir: Path, merge: bool = False, overwrite: bool = False) -> str:
+    """Write a clean, standalone copy of a run's model: the adapter as is, or (merge) base + adapter merged.
+
+    Returns what was written: "model", "adapter" or "merged".
+    """
+    from llmkit import modeling
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    recipe = recipe_for_evaluation(run_dir, [])
+    is_adapter = (run_dir / "adapter_config.json").exists()
+    if merge and not is_adapter:
+        raise LlmkitError(f"{run_dir} holds a full model, not a LoRA adapter: nothing to merge; drop --merge")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        if not overwrite:
+            raise LlmkitError(f"{out_dir} exists and is not empty; pass --overwrite or choose another folder")
+        shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
+    task = get_task(recipe.task)
+    tokenizer = modeling.get_tokenizer(recipe, task, None)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if merge:
+        model = modeling.build_model(recipe, task, tokenizer, head_kwargs(task, recipe))
+        model = model.merge_and_unload()
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        kind = "merged"
+    else:
+        keep = {
+            "config.json",
+            "generation_config.json",
+            "model.safetensors",
+            "model.safetensors.index.json",
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "vocab.txt",
+            "merges.txt",
+            "vocab.json",
+            "spiece.model",
+            "recipe.yaml",
+            "README.md",
+        }
+        tmp.mkdir(parents=True)
+        for f in run_dir.iterdir():
+            if f.name in keep or f.name.startswith("model-") and f.suffix == ".safetensors":
+                shutil.copy2(f, tmp / f.name)
+        if (run_dir / modeling.BASE_DIR).is_dir():
+            shutil.copytree(run_dir / modeling.BASE_DIR, tmp / modeling.BASE_DIR)
+        kind = "adapter" if is_adapter else "model"
+    tmp.replace(out_dir)
+    return kind

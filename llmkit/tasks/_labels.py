@@ -17,8 +17,9 @@ def feature_names(feature: Any) -> list[str] | None:
     return list(names) if names else None
 
 
-def resolve_labels(recipe: Any, values: dict[str, Iterable[tuple[int, Any]]], classlabel_names: list[str] | None,
-                   order: Any = sorted) -> list[str]:
+def resolve_labels(
+    recipe: Any, values: dict[str, Iterable[tuple[int, Any]]], classlabel_names: list[str] | None, order: Any = sorted
+) -> list[str]:
     """The label names: options.labels, else the ClassLabel names, else the labels seen in train.
 
     Every split's labels must be known: a label seen in validation/test but not in training
@@ -28,8 +29,10 @@ def resolve_labels(recipe: Any, values: dict[str, Iterable[tuple[int, Any]]], cl
     seen: dict[str, list] = {split: list(pairs) for split, pairs in values.items()}  # (row, label)
     kinds = {type(v) for pairs in seen.values() for _, v in pairs}
     if bool in kinds or (len(kinds) > 1 and kinds != {int}):
-        raise DataError(f"labels of mixed types ({', '.join(sorted(k.__name__ for k in kinds))}) in the data; "
-                        "use all strings or all integers")
+        raise DataError(
+            f"labels of mixed types ({', '.join(sorted(k.__name__ for k in kinds))}) in the data; "
+            "use all strings or all integers"
+        )
     if kinds == {int} and not given:
         top = max(v for pairs in seen.values() for _, v in pairs)
         given = [str(i) for i in range(top + 1)]
@@ -45,7 +48,11 @@ def resolve_labels(recipe: Any, values: dict[str, Iterable[tuple[int, Any]]], cl
         for row, v in pairs:
             if v not in known:
                 source = "options.labels" if recipe.options.labels else "the training data"
-                fix = "add it to options.labels" if recipe.options.labels else "fix the row or list all labels in options.labels"
+                fix = (
+                    "add it to options.labels"
+                    if recipe.options.labels
+                    else "fix the row or list all labels in options.labels"
+                )
                 if isinstance(v, int) and v < 0:
                     fix = "unlabelled rows (e.g. a hidden test set) cannot be evaluated; drop the split"
                 raise DataError(f"{split_origin(recipe, split)}, row {row}: label {v!r} is not in {source}; {fix}")

@@ -35,15 +35,17 @@ def _cols(recipe: Any) -> tuple[str, str | None, str]:
 
 
 def _labels(recipe: Any, ds: Any) -> list[str]:
-    _, _, label = _cols(recipe)
+    text, pair, label = _cols(recipe)
     values = {}
     for split, data in ds.items():
-        require_columns(data, {"label": label}, split)
+        require_columns(data, {"text": text, **({"text_pair": pair} if pair else {}), "label": label}, split)
         column = data[label]
         if _multi(recipe):
             bad = next((i for i, v in enumerate(column) if not isinstance(v, list)), None)
             if bad is not None:
-                raise DataError(f"{split} split, row {bad}: multi-label rows need a list of labels, got {column[bad]!r}")
+                raise DataError(
+                    f"{split} split, row {bad}: multi-label rows need a list of labels, got {column[bad]!r}"
+                )
             values[split] = [(i, v) for i, vs in enumerate(column) for v in vs]
         else:
             values[split] = list(enumerate(column))
@@ -73,17 +75,27 @@ def _preprocess(recipe: Any, ds: Any, tokenizer: Any) -> Any:
     out = {}
     for split, data in ds.items():
         require_columns(data, {"text": text, **({"text_pair": pair} if pair else {})}, split)
-        data = drop_bad_rows(recipe, data, split,
-                             lambda row: None if isinstance(row[text], str) and row[text].strip() else "empty text")
-        out[split] = data.map(encode, batched=True, remove_columns=data.column_names,
-                              num_proc=recipe.data.num_proc, desc=f"Tokenizing {split}")
+        data = drop_bad_rows(
+            recipe, data, split, lambda row: None if isinstance(row[text], str) and row[text].strip() else "empty text"
+        )
+        out[split] = data.map(
+            encode,
+            batched=True,
+            remove_columns=data.column_names,
+            num_proc=recipe.data.num_proc,
+            desc=f"Tokenizing {split}",
+        )
     return DatasetDict(out)
 
 
 def _model_kwargs(recipe: Any) -> dict:
     names = recipe.options.labels
-    return {"num_labels": len(names), "id2label": dict(enumerate(names)),
-            "label2id": {n: i for i, n in enumerate(names)}, "problem_type": recipe.options.problem_type}
+    return {
+        "num_labels": len(names),
+        "id2label": dict(enumerate(names)),
+        "label2id": {n: i for i, n in enumerate(names)},
+        "problem_type": recipe.options.problem_type,
+    }
 
 
 def _metrics(recipe: Any, tokenizer: Any, eval_ds: Any) -> tuple[Any, Any]:
@@ -119,8 +131,14 @@ def _predict(recipe: Any, model: Any, tokenizer: Any, rows: list[dict]) -> list[
     out = []
     for start in range(0, len(rows), 32):
         batch = rows[start : start + 32]
-        enc = tokenizer([r[text] for r in batch], [r[pair] for r in batch] if pair else None, truncation=True,
-                        max_length=recipe.data.max_length, padding=True, return_tensors="pt")
+        enc = tokenizer(
+            [r[text] for r in batch],
+            [r[pair] for r in batch] if pair else None,
+            truncation=True,
+            max_length=recipe.data.max_length,
+            padding=True,
+            return_tensors="pt",
+        )
         with torch.no_grad():
             logits = model(**enc).logits.float()
         if _multi(recipe):

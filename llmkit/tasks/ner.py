@@ -35,14 +35,15 @@ def _labels(recipe: Any, ds: Any) -> list[str]:
         require_columns(data, {"tokens": tokens, "tags": tags}, split)
         values[split] = [(i, t) for i, row in enumerate(data[tags]) for t in (row or [])]
     names = feature_names(ds["train"].features[tags])
-    if names is None and any(isinstance(v, int) for pairs in values.values() for _, v in pairs[:1]):
-        if not recipe.options.labels:
-            raise DataError("the tags are integers without names; list the tag names in id order in options.labels")
+    has_ids = any(isinstance(v, int) for pairs in values.values() for _, v in pairs[:1])
+    if names is None and has_ids and not recipe.options.labels:
+        raise DataError("the tags are integers without names; list the tag names in id order in options.labels")
     return resolve_labels(recipe, values, names, order=tag_order)
 
 
-def align_labels(word_ids: list[int | None], word_tags: list[int], label_all_tokens: bool,
-                 b_to_i: dict[int, int]) -> list[int]:
+def align_labels(
+    word_ids: list[int | None], word_tags: list[int], label_all_tokens: bool, b_to_i: dict[int, int]
+) -> list[int]:
     """The NER contract: a word's tag on its first sub-token; -100 on special tokens and (by default)
     on continuation sub-tokens, which otherwise get the word's tag with B- turned into I-."""
     labels, previous = [], None
@@ -82,8 +83,12 @@ def _preprocess(recipe: Any, ds: Any, tokenizer: Any) -> Any:
     def encode(batch: dict[str, list]) -> dict[str, list]:
         enc = tokenizer(batch[tokens], is_split_into_words=True, truncation=True, max_length=recipe.data.max_length)
         enc["labels"] = [
-            align_labels(enc.word_ids(i), [t if isinstance(t, int) else index[t] for t in row],
-                         recipe.options.label_all_tokens, b_to_i)
+            align_labels(
+                enc.word_ids(i),
+                [t if isinstance(t, int) else index[t] for t in row],
+                recipe.options.label_all_tokens,
+                b_to_i,
+            )
             for i, row in enumerate(batch[tags])
         ]
         return enc
@@ -91,23 +96,32 @@ def _preprocess(recipe: Any, ds: Any, tokenizer: Any) -> Any:
     out = {}
     for split, data in ds.items():
         data = drop_bad_rows(recipe, data, split, bad, can_keep=False)
-        out[split] = data.map(encode, batched=True, remove_columns=data.column_names,
-                              num_proc=recipe.data.num_proc, desc=f"Tokenizing {split}")
+        out[split] = data.map(
+            encode,
+            batched=True,
+            remove_columns=data.column_names,
+            num_proc=recipe.data.num_proc,
+            desc=f"Tokenizing {split}",
+        )
     return DatasetDict(out)
 
 
 def _model_kwargs(recipe: Any) -> dict:
     names = recipe.options.labels
-    return {"num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
+    return {
+        "num_labels": len(names),
+        "id2label": dict(enumerate(names)),
+        "label2id": {n: i for i, n in enumerate(names)},
+    }
 
 
 def to_tags(predictions: Any, label_ids: Any, names: list[str]) -> tuple[list[list[str]], list[list[str]]]:
     """Word-level tag sequences from sub-token predictions, keeping only positions with a true label."""
     preds, refs = [], []
-    for p_row, l_row in zip(predictions, label_ids, strict=True):
-        keep = [(p, l) for p, l in zip(p_row, l_row, strict=True) if l != IGNORE]
+    for p_row, t_row in zip(predictions, label_ids, strict=True):
+        keep = [(p, t) for p, t in zip(p_row, t_row, strict=True) if t != IGNORE]
         preds.append([names[p] if 0 <= p < len(names) else "O" for p, _ in keep])
-        refs.append([names[l] for _, l in keep])
+        refs.append([names[t] for _, t in keep])
     return preds, refs
 
 
@@ -134,8 +148,10 @@ def entities(words: list[str], tags: list[str]) -> list[dict]:
     """Entity spans from BIO tags: type, first word, end word (exclusive), text."""
     from seqeval.metrics.sequence_labeling import get_entities
 
-    return [{"type": kind, "start": start, "end": end + 1, "text": " ".join(words[start : end + 1])}
-            for kind, start, end in get_entities(list(tags))]
+    return [
+        {"type": kind, "start": start, "end": end + 1, "text": " ".join(words[start : end + 1])}
+        for kind, start, end in get_entities(list(tags))
+    ]
 
 
 def _predict(recipe: Any, model: Any, tokenizer: Any, rows: list[dict]) -> list[dict]:
@@ -147,8 +163,14 @@ def _predict(recipe: Any, model: Any, tokenizer: Any, rows: list[dict]) -> list[
     for start in range(0, len(rows), 32):
         batch = rows[start : start + 32]
         words = [r[tokens].split() if isinstance(r[tokens], str) else list(r[tokens]) for r in batch]
-        enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=recipe.data.max_length,
-                        padding=True, return_tensors="pt")
+        enc = tokenizer(
+            words,
+            is_split_into_words=True,
+            truncation=True,
+            max_length=recipe.data.max_length,
+            padding=True,
+            return_tensors="pt",
+        )
         with torch.no_grad():
             ids = model(**enc).logits.argmax(-1).tolist()
         for i, ws in enumerate(words):

@@ -39,8 +39,9 @@ def _preprocess(recipe: Any, ds: Any, tokenizer: Any) -> Any:
     def encode(batch: dict[str, list]) -> dict[str, list]:
         enc = tokenizer([prefix + d for d in batch[doc]], truncation=True, max_length=recipe.data.max_length)
         if summ in batch:
-            enc["labels"] = tokenizer(text_target=batch[summ], truncation=True,
-                                      max_length=recipe.data.max_target_length)["input_ids"]
+            enc["labels"] = tokenizer(
+                text_target=batch[summ], truncation=True, max_length=recipe.data.max_target_length
+            )["input_ids"]
             # Kept for the metric (several references per example score their best); the Trainer
             # drops this column before batching.
             enc["references"] = batch[refs] if refs and refs in batch else [[s] for s in batch[summ]]
@@ -50,8 +51,13 @@ def _preprocess(recipe: Any, ds: Any, tokenizer: Any) -> Any:
     for split, data in ds.items():
         require_columns(data, {"document": doc, "summary": summ}, split)
         data = drop_bad_rows(recipe, data, split, bad, can_keep=False)
-        out[split] = data.map(encode, batched=True, remove_columns=data.column_names,
-                              num_proc=recipe.data.num_proc, desc=f"Tokenizing {split}")
+        out[split] = data.map(
+            encode,
+            batched=True,
+            remove_columns=data.column_names,
+            num_proc=recipe.data.num_proc,
+            desc=f"Tokenizing {split}",
+        )
     return DatasetDict(out)
 
 
@@ -99,8 +105,13 @@ def generate(model: Any, tokenizer: Any, documents: list[str], recipe: Any, batc
     out = []
     model.eval()
     for start in range(0, len(documents), batch_size):
-        enc = tokenizer([prefix + d for d in documents[start : start + batch_size]], truncation=True,
-                        max_length=recipe.data.max_length, padding=True, return_tensors="pt")
+        enc = tokenizer(
+            [prefix + d for d in documents[start : start + batch_size]],
+            truncation=True,
+            max_length=recipe.data.max_length,
+            padding=True,
+            return_tensors="pt",
+        )
         enc.pop("token_type_ids", None)
         with torch.no_grad():
             ids = model.generate(**enc.to(model.device), generation_config=model.generation_config)

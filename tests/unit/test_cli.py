@@ -117,3 +117,24 @@ def test_recipe_show_merges_and_overrides():
 def test_python_dash_m_runs_the_cli():
     out = subprocess.run([sys.executable, "-m", "llmkit", "--version"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and out.stdout.strip() == f"llmkit {__version__}"
+
+
+def test_finetune_task_picks_the_shipped_recipe(engine):
+    result = runner.invoke(app, ["finetune", "--task", "ner", "trainer.seed=5"])
+    assert result.exit_code == 0, result.output
+    recipe = engine[0][0]
+    assert recipe.task == "ner" and recipe.recipe_file.endswith("recipes/ner.yaml") and recipe.trainer["seed"] == 5
+
+
+def test_finetune_task_and_recipe_must_agree(engine):
+    result = runner.invoke(app, ["finetune", str(RECIPES / "ner.yaml"), "--task", "classification"])
+    assert result.exit_code == 2 and "--task classification disagrees" in result.stderr
+    result = runner.invoke(app, ["finetune", "--task", "nerr"])
+    assert result.exit_code == 2 and "did you mean 'ner'" in result.stderr
+
+
+def test_predict_and_evaluate_need_a_run(tmp_path):
+    result = runner.invoke(app, ["evaluate", str(tmp_path)])
+    assert result.exit_code == 2 and "not an llmkit run" in result.stderr
+    result = runner.invoke(app, ["predict", str(tmp_path), "--input", "x.jsonl", "--output", "y.jsonl"])
+    assert result.exit_code == 2 and "not an llmkit run" in result.stderr

@@ -1,0 +1,122 @@
+"""The tiny fine-tuning recipes end to end: finetune, then evaluate, then predict (offline, seconds)."""
+
+import json
+import math
+
+import pytest
+from conftest import FIXTURES, RECIPES, ROOT
+
+from llmkit import run
+from llmkit.config import load_recipe, resolve
+from llmkit.errors import LlmkitError
+
+pytestmark = pytest.mark.smoke
+
+
+@pytest.fixture(autouse=True)
+def _at_root(monkeypatch):
+    monkeypatch.chdir(ROOT)  # the tiny recipes name their fixtures relative to the repository root
+
+
+def _train(name, out, *overrides):
+    recipe = resolve(load_recipe(RECIPES / "tiny" / f"{name}.yaml", [f"trainer.output_dir={out}", *overrides]))
+    return run.train(recipe)
+
+
+def test_classification_finetune_evaluate_predict(tmp_path):
+    import transformers
+
+    out = tmp_path / "cls"
+    summary = _train("classification", out, "trainer.num_train_epochs=6")
+    metrics = summary["final_metrics"]
+    assert {"eval_accuracy", "eval_f1_macro", "eval_f1_micro", "eval_precision", "eval_recall"} <= set(metrics)
+    config = transformers.AutoConfig.from_pretrained(out)
+    assert config.id2label == {0: "negative", 1: "positive"}  # string labels saved as names
+
+    test = run.evaluate(run.recipe_for_evaluation(out, []), "test")
+    assert test["samples"] == 24 and 0 <= test["eval_accuracy"] <= 1
+    assert json.loads((out / "eval_test.json").read_text())["eval_accuracy"] == test["eval_accuracy"]
+
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text('{"text": "a wonderful film overall"}\n{"text": "a dull script"}\n')
+    n = run.predict(run.recipe_for_evaluation(out, []), inputs, tmp_path / "preds.jsonl")
+    preds = [json.loads(line) for line in (tmp_path / "preds.jsonl").read_text().splitlines()]
+    assert n == 2 and [p["text"] for p in preds] == ["a wonderful film overall", "a dull script"]
+    assert all(p["label"] in ("negative", "positive") and 0.5 <= p["score"] <= 1 for p in preds)
+    with pytest.raises(LlmkitError, match="exists; pass --overwrite"):
+        run.predict(run.recipe_for_evaluation(out, []), inputs, tmp_path / "preds.jsonl")
+
+
+def test_ner_finetune_evaluate_predict(tmp_path):
+    out = tmp_path / "ner"
+    summary = _train("ner", out)
+    metrics = summary["final_metrics"]
+    assert {"eval_f1", "eval_precision", "eval_recall", "eval_token_accuracy", "eval_PER_f1", "eval_LOC_f1"} <= set(
+        metrics
+    )
+    test = run.evaluate(run.recipe_for_evaluation(out, []), "test")
+    assert math.isfinite(test["eval_loss"]) and 0 <= test["eval_f1"] <= 1
+
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text('{"tokens": ["Alice", "flew", "to", "Paris", "."]}\n{"text": "Bob lives in Tokyo"}\n')
+    run.predict(run.recipe_for_evaluation(out, []), inputs, tmp_path / "preds.jsonl")
+    preds = [json.loads(line) for line in (tmp_path / "preds.jsonl").read_text().splitlines()]
+    assert [len(p["tags"]) for p in preds] == [5, 4]  # one tag per word, whatever the sub-tokens
+    assert all(t in ("O", "B-PER", "I-PER", "B-LOC", "I-LOC") for p in preds for t in p["tags"])
+    assert all({"type", "start", "end", "text"} == set(e) for p in preds for e in p["entities"])
+
+
+def test_summarization_finetune_evaluate_predict(tmp_path):
+    out = tmp_path / "sum"
+    summary = _train("summarization", out)
+    metrics = summary["final_metrics"]
+    assert {"eval_rouge1", "eval_rouge2", "eval_rougeL", "eval_rougeLsum", "eval_gen_len"} <= set(metrics)
+    assert 0 <= metrics["eval_rouge1"] <= 100 and metrics["eval_gen_len"] <= 16
+    test = run.evaluate(run.recipe_for_evaluation(out, []), "test")
+    assert test["samples"] == 12 and math.isfinite(test["eval_loss"])
+    inputs = tmp_path / "in.txt"
+    inputs.write_text("Officials said that the new bridge opened on Monday. Residents welcomed the news.\n")
+    run.predict(run.recipe_for_evaluation(out, []), inputs, tmp_path / "preds.jsonl")
+    (pred,) = [json.loads(line) for line in (tmp_path / "preds.jsonl").read_text().splitlines()]
+    assert isinstance(pred["summary"], str)
+
+
+def test_finetune_what_pretrain_made(tmp_path):
+    """`llmkit finetune recipes/ner.yaml model.name_or_path=runs/bert`: a new head on the pretrained body."""
+    import torch
+    import transformers
+
+    bert = tmp_path / "bert"
+    run.train(resolve(load_recipe(RECIPES / "tiny/bert.yaml", [f"trainer.output_dir={bert}"])))
+    out = tmp_path / "ner"
+    _train(
+        "ner",
+        out,
+        f"model.name_or_path={bert}",
+        "model.config=null",
+        "tokenizer.train=null",
+        "trainer.num_train_epochs=1",
+    )
+    base = transformers.AutoModelForMaskedLM.from_pretrained(bert)
+    tuned = transformers.AutoModelForTokenClassification.from_pretrained(out)
+    assert tuned.config.vocab_size == base.config.vocab_size
+    assert tuned.config.num_labels == 5
+    assert not torch.equal(base.bert.embeddings.word_embeddings.weight, tuned.bert.embeddings.word_embeddings.weight)
+
+
+def test_bad_data_fails_with_one_clear_line(tmp_path):
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"review": "good", "label": "pos"}\n')
+    with pytest.raises(LlmkitError, match=r"no column 'text' for text \(columns found: review, label\)"):
+        _train("classification", tmp_path / "o", f"data.train={train}")
+    with pytest.raises(
+        LlmkitError, match=r"validation split \(.*\), row 0: label 'neutral' is not in the training data"
+    ):
+        val = tmp_path / "val.jsonl"
+        val.write_text('{"text": "meh", "label": "neutral"}\n')
+        _train("classification", tmp_path / "o", f"data.validation={val}")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(LlmkitError):
+        _train("classification", tmp_path / "o", f"data.train={empty}")
+    assert FIXTURES.exists()

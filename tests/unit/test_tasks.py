@@ -1,0 +1,274 @@
+"""Each task's contract, pinned on two hand-written rows."""
+
+import numpy as np
+import pytest
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Sequence, Value
+
+from llmkit.config import load_recipe, validate
+from llmkit.data import read_conll
+from llmkit.errors import DataError
+from llmkit.metrics import classification_scores, load_metric, rouge_scores, seqeval_scores
+from llmkit.tasks import get_task
+from llmkit.tasks.ner import IGNORE, align_labels, entities, tag_order, to_tags
+from llmkit.tasks.summarization import lead_sentence
+
+
+def _recipe(task, **data):
+    raw = {
+        "task": task,
+        "model": {"name_or_path": "x"},
+        "data": {"train": "unused", **data},
+        "trainer": {"output_dir": "runs/t"},
+    }
+    return validate(raw)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A real fast WordPiece tokenizer, trained here in milliseconds."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=False)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=60, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    tok.train_from_iterator(["Peter lives in Berlin", "Maria flew to Lagos", "good film", "bad film"] * 5, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+
+
+# ------------------------------------------------------------------ ner
+
+
+def test_align_labels_first_subtoken_only():
+    # [CLS] Wash ##ington is [SEP]  -> words 0, 0, 1
+    word_ids = [None, 0, 0, 1, None]
+    assert align_labels(word_ids, [1, 0], False, {1: 2}) == [IGNORE, 1, IGNORE, 0, IGNORE]
+    # label_all_tokens: the continuation of a B- word gets the I- tag
+    assert align_labels(word_ids, [1, 0], True, {1: 2}) == [IGNORE, 1, 2, 0, IGNORE]
+
+
+def test_ner_preprocess_on_two_rows(tokenizer):
+    recipe = _recipe("ner")
+    ds = DatasetDict(
+        {
+            "train": Dataset.from_dict(
+                {
+                    "tokens": [["Peter", "lives", "in", "Berlin"], ["Maria", "flew"]],
+                    "ner_tags": [["B-PER", "O", "O", "B-LOC"], ["B-PER", "O"]],
+                }
+            )
+        }
+    )
+    task = get_task("ner")
+    recipe.options.labels = task.labels(recipe, ds)
+    assert recipe.options.labels == ["O", "B-LOC", "B-PER"]
+    row = task.preprocess(recipe, ds, tokenizer)["train"][0]
+    words = tokenizer(["Peter", "lives", "in", "Berlin"], is_split_into_words=True).word_ids()
+    firsts = [i for i, w in enumerate(words) if w is not None and (i == 0 or words[i - 1] != w)]
+    assert [row["labels"][i] for i in firsts] == [2, 0, 0, 1]
+    assert all(row["labels"][i] == IGNORE for i in range(len(words)) if i not in firsts)
+
+
+def test_ner_classlabel_ids_and_unknown_tags():
+    feats = Features({"tokens": Sequence(Value("string")), "ner_tags": Sequence(ClassLabel(names=["O", "B-X", "I-X"]))})
+    ds = DatasetDict({"train": Dataset.from_dict({"tokens": [["a", "b"]], "ner_tags": [[0, 1]]}, features=feats)})
+    recipe = _recipe("ner")
+    assert get_task("ner").labels(recipe, ds) == ["O", "B-X", "I-X"]
+    bad = DatasetDict(
+        {
+            "train": Dataset.from_dict({"tokens": [["a"]], "ner_tags": [["B-X"]]}),
+            "validation": Dataset.from_dict({"tokens": [["a"], ["b"]], "ner_tags": [["B-X"], ["B-Y"]]}),
+        }
+    )
+    with pytest.raises(DataError, match=r"validation split, row 1: label 'B-Y' is not in the training data"):
+        get_task("ner").labels(_recipe("ner"), bad)
+
+
+def test_ner_length_mismatch_is_a_data_error(tokenizer):
+    recipe = _recipe("ner")
+    recipe.options.labels = ["O", "B-PER"]
+    ds = DatasetDict({"train": Dataset.from_dict({"tokens": [["a", "b"], ["Peter"]], "ner_tags": [["O"], ["B-PER"]]})})
+    with pytest.raises(DataError, match=r"train split \(unused\), row 0: 2 tokens but 1 tags"):
+        get_task("ner").preprocess(recipe, ds, tokenizer)
+    recipe.data.on_bad_rows = "skip"
+    assert len(get_task("ner").preprocess(recipe, ds, tokenizer)["train"]) == 1
+
+
+def test_tag_order_and_entities():
+    assert tag_order({"I-PER", "O", "B-LOC", "B-PER"}) == ["O", "B-LOC", "B-PER", "I-PER"]
+    assert entities(["Maria", "Lopez", "visited", "New", "York"], ["B-PER", "I-PER", "O", "B-LOC", "I-LOC"]) == [
+        {"type": "PER", "start": 0, "end": 2, "text": "Maria Lopez"},
+        {"type": "LOC", "start": 3, "end": 5, "text": "New York"},
+    ]
+
+
+def test_to_tags_skips_ignored_positions():
+    names = ["O", "B-PER"]
+    preds, refs = to_tags([[1, 1, 0, 0]], [[IGNORE, 1, IGNORE, 0]], names)
+    assert preds == [["B-PER", "O"]] and refs == [["B-PER", "O"]]
+
+
+def test_conll_fixture_parses():
+    from conftest import FIXTURES
+
+    rows = read_conll(str(FIXTURES / "ner" / "train.conll"))
+    assert len(rows["tokens"]) == 64 and all(
+        len(t) == len(g) for t, g in zip(rows["tokens"], rows["ner_tags"], strict=True)
+    )
+
+
+# ------------------------------------------------------------------ classification
+
+
+def test_classification_string_labels_map_and_save_names(tokenizer):
+    recipe = _recipe("classification")
+    ds = DatasetDict({"train": Dataset.from_dict({"text": ["good film", "bad film"], "label": ["pos", "neg"]})})
+    task = get_task("classification")
+    recipe.options.labels = task.labels(recipe, ds)
+    assert recipe.options.labels == ["neg", "pos"]
+    assert task.model_kwargs(recipe)["id2label"] == {0: "neg", 1: "pos"}
+    out = task.preprocess(recipe, ds, tokenizer)["train"]
+    assert out["labels"] == [1, 0]
+    assert out[0]["input_ids"][0] == tokenizer.cls_token_id
+
+
+def test_classification_pair_and_multilabel(tokenizer):
+    recipe = _recipe("classification", columns={"text_pair": "second"})
+    recipe.options.problem_type = "multi_label_classification"
+    ds = DatasetDict(
+        {
+            "train": Dataset.from_dict(
+                {"text": ["good film", "bad"], "second": ["bad film", "good"], "label": [["a", "b"], ["b"]]}
+            )
+        }
+    )
+    task = get_task("classification")
+    recipe.options.labels = task.labels(recipe, ds)
+    out = task.preprocess(recipe, ds, tokenizer)["train"]
+    assert out["labels"] == [[1.0, 1.0], [0.0, 1.0]]
+    assert out[0]["input_ids"].count(tokenizer.sep_token_id) == 2  # the pair is encoded together
+
+
+def test_classification_label_problems():
+    task = get_task("classification")
+    mixed = DatasetDict(
+        {
+            "train": Dataset.from_dict({"text": ["a", "b"], "label": ["x", "y"]}),
+            "validation": Dataset.from_dict({"text": ["c"], "label": ["z"]}),
+        }
+    )
+    with pytest.raises(DataError, match=r"validation split, row 0: label 'z' is not in the training data"):
+        task.labels(_recipe("classification"), mixed)
+    unlabelled = DatasetDict(
+        {
+            "train": Dataset.from_dict({"text": ["a", "b"], "label": [0, 1]}),
+            "test": Dataset.from_dict({"text": ["c"], "label": [-1]}),
+        }
+    )
+    with pytest.raises(DataError, match="unlabelled rows"):
+        task.labels(_recipe("classification"), unlabelled)
+    with pytest.raises(DataError, match="no column 'label'"):
+        task.labels(_recipe("classification"), DatasetDict({"train": Dataset.from_dict({"text": ["a"]})}))
+
+
+# ------------------------------------------------------------------ summarization
+
+
+def test_summarization_multi_reference_and_bad_rows(tokenizer):
+    recipe = _recipe("summarization", columns={"references": "refs"})
+    recipe.options.source_prefix = "summarize: "
+    ds = DatasetDict(
+        {
+            "validation": Dataset.from_dict(
+                {
+                    "document": ["Peter lives in Berlin.", "   "],
+                    "summary": ["Peter lives.", "x"],
+                    "refs": [["a", "b"], ["c"]],
+                }
+            )
+        }
+    )
+    task = get_task("summarization")
+    with pytest.raises(DataError, match="row 1: empty source"):
+        task.preprocess(recipe, ds, tokenizer)
+    recipe.data.on_bad_rows = "skip"
+    out = task.preprocess(recipe, ds, tokenizer)["validation"]
+    assert len(out) == 1 and out[0]["references"] == ["a", "b"]
+    assert out[0]["labels"] == tokenizer(text_target="Peter lives.")["input_ids"]
+
+
+def test_lead_sentence():
+    assert lead_sentence("We study X. Then we show Y.") == "We study X."
+
+
+# ------------------------------------------------------------------ metrics
+
+
+def test_classification_metrics_on_toy_predictions():
+    s = classification_scores([1, 0, 1, 1], [1, 0, 0, 1])
+    assert s["accuracy"] == 0.75 and s["f1_micro"] == 0.75
+    assert s["f1_macro"] == pytest.approx((2 / 3 + 0.8) / 2)
+    module = load_metric("classification")
+    assert module.compute(predictions=[1, 0, 1, 1], references=[1, 0, 0, 1]) == s
+
+
+def test_seqeval_metrics_on_toy_predictions():
+    refs = [["B-PER", "I-PER", "O", "B-LOC"]]
+    preds = [["B-PER", "I-PER", "O", "O"]]
+    s = seqeval_scores(preds, refs)
+    assert s["precision"] == 1.0 and s["recall"] == 0.5 and s["f1"] == pytest.approx(2 / 3)
+    assert s["PER_f1"] == 1.0 and s["LOC_f1"] == 0.0 and s["token_accuracy"] == 0.75
+
+
+def test_rouge_on_toy_predictions_takes_best_reference():
+    assert rouge_scores(["the cat sat"], [["the cat sat"]])["rouge1"] == pytest.approx(100)
+    one = rouge_scores(["the cat sat"], [["a dog ran"]])["rouge1"]
+    best = rouge_scores(["the cat sat"], [["a dog ran", "the cat sat"]])["rouge1"]
+    assert one < best == pytest.approx(100)
+
+
+def test_unknown_extra_metric_is_a_clear_error_offline():
+    from llmkit.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="metrics: cannot load 'accuracy'"):
+        load_metric("accuracy")
+
+
+def test_recipe_metrics_list_fails_at_resolve(tmp_path):
+    from conftest import RECIPES
+
+    from llmkit.config import resolve
+    from llmkit.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="metrics: cannot load 'bleu'"):
+        resolve(load_recipe(RECIPES / "tiny/classification.yaml", ["metrics=[bleu]"]))
+
+
+def test_classification_reduce_keeps_decisions_not_logits():
+    import torch
+
+    recipe = _recipe("classification")
+    recipe.options.labels = ["a", "b", "c"]
+    compute, reduce = get_task("classification").metrics(recipe, None, None)
+    logits = torch.tensor([[0.1, 2.0, 0.3], [3.0, 0.0, 0.0]])
+    reduced = reduce(logits, None)
+    assert reduced.tolist() == [1, 0]
+
+    class P:
+        predictions = np.array([1, 0])
+        label_ids = np.array([1, 1])
+
+    assert compute(P())["accuracy"] == 0.5
