@@ -21,7 +21,8 @@ from llmkit.errors import RecipeError
 
 
 class _Loader(yaml.SafeLoader):
-    """safe_load, plus YAML 1.2 floats: PyYAML reads `1e-4` as a string, which breaks trainers later."""
+    """safe_load with YAML 1.2 scalars: `1e-4` is a float (PyYAML 1.1 reads a string, which breaks trainers
+    later) and only true/false are booleans (`save_strategy: no` must stay the string "no")."""
 
 
 _FLOAT = re.compile(
@@ -32,7 +33,12 @@ _FLOAT = re.compile(
     |\.(?:nan|NaN|NAN))$""",
     re.X,
 )
-_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_BOOL = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")  # YAML 1.2: `no` stays the string "no"
+_Loader.yaml_implicit_resolvers = {
+    k: [r for r in v if r[0] != "tag:yaml.org,2002:bool"] for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+for _ch in "tTfF":
+    _Loader.yaml_implicit_resolvers.setdefault(_ch, []).append(("tag:yaml.org,2002:bool", _BOOL))
 for _ch in "-+0123456789.":
     _Loader.yaml_implicit_resolvers[_ch] = [
         r for r in _Loader.yaml_implicit_resolvers.get(_ch, []) if r[0] != "tag:yaml.org,2002:float"

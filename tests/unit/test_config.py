@@ -20,6 +20,11 @@ def test_scientific_floats_are_floats():
     assert isinstance(data["a"], float) and isinstance(data["c"], int)
 
 
+def test_only_true_and_false_are_booleans():
+    data = parse_yaml("a: no\nb: yes\nc: true\nd: False\ne: off")
+    assert data == {"a": "no", "b": "yes", "c": True, "d": False, "e": "off"}
+
+
 def test_yaml_syntax_error_has_line_and_column(write):
     path = write("bad.yaml", "task: mlm\ndata:\n  max_length: [1, 2\n")
     with pytest.raises(RecipeError, match=r"bad\.yaml:\d+:\d+: YAML syntax error"):
