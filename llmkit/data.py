@@ -176,9 +176,9 @@ def _load_hub(load: dict) -> DatasetDict:
     except Exception as e:  # noqa: BLE001 - network, missing-dataset and config errors differ by version
         offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = (
-            " (offline: use local files with data.train=path/to/train.jsonl data.validation=...)"
+            "; offline, use local files: data.load=null data.train=path/to/train.jsonl data.validation=path/to/val.jsonl"
             if offline
-            else " (check the dataset name, or use local files with data.train=path/to/file)"
+            else "; check the name, or use local files: data.load=null data.train=path/to/train.jsonl"
         )
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"cannot load dataset {load.get('path')!r}: {first}{hint}") from None

@@ -35,15 +35,15 @@ def _offline_hint() -> str:
     import os
 
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1":
-        return " (offline: point it at a local folder)"
+        return " (offline mode)"
     return ""
 
 
 # --------------------------------------------------------------------------- tokenizer
 
 
-def load_tokenizer(name_or_path: str, recipe: Recipe | None = None) -> Any:
-    """AutoTokenizer.from_pretrained with one-line errors."""
+def load_tokenizer(name_or_path: str, recipe: Recipe | None = None, key: str = "tokenizer.name_or_path") -> Any:
+    """AutoTokenizer.from_pretrained with one-line errors naming the recipe key to change."""
     from transformers import AutoTokenizer
 
     kwargs = {}
@@ -54,8 +54,8 @@ def load_tokenizer(name_or_path: str, recipe: Recipe | None = None) -> Any:
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0]
         raise RecipeError(
-            f"cannot load tokenizer {name_or_path!r}: {first}{_offline_hint()}; "
-            "set tokenizer.name_or_path=PATH or train one with tokenizer.train.type=wordpiece"
+            f"cannot load tokenizer {name_or_path!r} ({key}): {first}{_offline_hint()}; "
+            f"set {key}=PATH to a local folder"
         ) from None
 
 
@@ -69,9 +69,9 @@ def get_tokenizer(recipe: Recipe, task: Task, train: Any) -> Any:
             raise RecipeError("this recipe trains its tokenizer: predict from the run folder it made instead")
         tok = train_tokenizer(recipe, task, train)
     elif recipe.model.name_or_path:
-        tok = load_tokenizer(recipe.model.name_or_path, recipe)
+        tok = load_tokenizer(recipe.model.name_or_path, recipe, "model.name_or_path")
     elif recipe.model.encoder:
-        tok = load_tokenizer(recipe.model.encoder, recipe)
+        tok = load_tokenizer(recipe.model.encoder, recipe, "model.encoder")
     else:
         raise RecipeError("no tokenizer: set tokenizer.name_or_path, tokenizer.train.type, or model.name_or_path")
     return tok

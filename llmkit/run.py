@@ -40,11 +40,13 @@ def last_checkpoint(out: Path) -> Path | None:
     return max(ckpts)[1] if ckpts else None
 
 
-def prepare_output_dir(recipe: Recipe, overwrite: bool, resume: bool, main: bool = True) -> Path | None:
-    """Decide what to do with an existing output_dir; return the checkpoint to resume from, if any.
+def plan_output_dir(recipe: Recipe, overwrite: bool, resume: bool) -> tuple[Path | None, bool]:
+    """Decide what to do with an existing output_dir: (checkpoint to resume from, whether to wipe it).
 
     A finished run is never overwritten without --overwrite; an unfinished run of the same
-    recipe resumes from its newest checkpoint; anything else in the folder is an error.
+    recipe resumes from its newest checkpoint; anything else in the folder is an error. Nothing
+    is deleted here: the caller wipes only once data and model are ready, so a failing new run
+    never costs the old one.
     """
     out = recipe.output_dir
     if out.exists() and not out.is_dir():
@@ -52,14 +54,11 @@ def prepare_output_dir(recipe: Recipe, overwrite: bool, resume: bool, main: bool
     if not out.exists() or not any(out.iterdir()):
         if resume:
             raise LlmkitError(f"--resume: {out} holds no run to resume; drop --resume to start one")
-        return None
+        return None, False
     if overwrite:
         if resume:
             raise LlmkitError("--overwrite and --resume contradict each other; pick one")
-        if main:  # every rank decides the same; only the main process deletes
-            log.warning("--overwrite: deleting the previous contents of %s", out)
-            shutil.rmtree(out)
-        return None
+        return None, True
     fix = "pass --overwrite to replace it, or set trainer.output_dir=runs/NEW_NAME"
     if (out / FINISHED).exists():
         raise LlmkitError(f"{out} holds a finished run; {fix}")
@@ -86,9 +85,9 @@ def prepare_output_dir(recipe: Recipe, overwrite: bool, resume: bool, main: bool
         if resume:
             raise LlmkitError(f"--resume: {out} has no complete checkpoint yet; drop --resume to start over")
         log.warning("%s holds an unfinished run with no checkpoint: starting it again", out)
-        return None
+        return None, False
     log.warning("Resuming the unfinished run in %s from %s", out, ckpt.name)
-    return ckpt
+    return ckpt, False
 
 
 # --------------------------------------------------------------------------- pipeline pieces
@@ -190,13 +189,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, dry_
     if recipe.args is None:
         resolve(recipe)
     args = recipe.args
-    ckpt = None
-    if not dry_run:
-        ckpt = prepare_output_dir(recipe, overwrite, resume, main=args.process_index == 0)
-        if args.world_size > 1:
-            from accelerate import PartialState
-
-            PartialState().wait_for_everyone()
+    ckpt, wipe = (None, False) if dry_run else plan_output_dir(recipe, overwrite, resume)
     started = time.time()
     set_seed(args.seed)
     raw, tokenizer, tokenized = prepare_data(recipe, task, args)
@@ -206,6 +199,14 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, dry_
 
     model = modeling.build_model(recipe, task, tokenizer, model_kwargs)
     out = recipe.output_dir
+    if wipe:
+        if args.process_index == 0:  # every rank decided the same; only the main process deletes
+            log.warning("--overwrite: deleting the previous contents of %s", out)
+            shutil.rmtree(out)
+        if args.world_size > 1:
+            from accelerate import PartialState
+
+            PartialState().wait_for_everyone()
     if recipe.lora is not None:
         model = modeling.apply_lora(model, recipe, out if args.process_index == 0 else None)
     trainable, total = modeling.count_parameters(model)
@@ -236,7 +237,13 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, dry_
     train_metrics = dict(result.metrics)
     eval_metrics = {}
     if "validation" in tokenized:
-        eval_metrics = _add_perplexity(task, trainer.evaluate(metric_key_prefix="eval"))
+        last = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
+        if last and last["step"] == trainer.state.global_step and not args.load_best_model_at_end:
+            # The Trainer just evaluated this very model: do not pay for it (or its generation) twice.
+            eval_metrics = {k: v for k, v in last.items() if k.startswith("eval_") or k == "epoch"}
+        else:
+            eval_metrics = trainer.evaluate(metric_key_prefix="eval")
+        eval_metrics = _add_perplexity(task, eval_metrics)
     summary = {}
     if trainer.is_world_process_zero():
         trainer.save_state()

@@ -171,5 +171,7 @@ TASK = Task(
     predict=_predict,
     input_columns=("text",),
     validate=_validate,
+    # Batches of similar lengths: dynamic padding then pads little (megabatches stay shuffled).
+    trainer_defaults={"train_sampling_strategy": "group_by_length"},
     tokens_per_sample=False,
 )

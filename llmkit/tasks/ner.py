@@ -200,5 +200,7 @@ TASK = Task(
     model_kwargs=_model_kwargs,
     predict=_predict,
     input_columns=("tokens",),
+    # Batches of similar lengths: dynamic padding then pads little (megabatches stay shuffled).
+    trainer_defaults={"train_sampling_strategy": "group_by_length"},
     tokens_per_sample=False,
 )

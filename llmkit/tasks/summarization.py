@@ -138,7 +138,7 @@ TASK = Task(
     metrics=_metrics,
     predict=_predict,
     input_columns=("document",),
-    trainer_defaults={"predict_with_generate": True},
+    trainer_defaults={"predict_with_generate": True, "train_sampling_strategy": "group_by_length"},
     seq2seq=True,
     tokens_per_sample=False,
 )

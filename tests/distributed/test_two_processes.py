@@ -1,4 +1,5 @@
-"""Two CPU processes (torchrun, gloo): one output folder, world size 2, eval gathered exactly."""
+"""Two CPU processes (torchrun, gloo), with LoRA, gradient accumulation, gradient checkpointing and bf16:
+one output folder, world size 2, global batch reported right, eval gathered exactly."""
 
 import json
 import os
@@ -16,27 +17,21 @@ pytestmark = pytest.mark.distributed
 def test_torchrun_two_processes_matches_single_process_eval(tmp_path, monkeypatch):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29533",
-        "-m",
-        "llmkit",
-        "finetune",
-        "recipes/tiny/ner.yaml",
-        f"trainer.output_dir={out}",
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    recipe = ["-m", "llmkit", "finetune", "recipes/tiny/ner-lora.yaml", f"trainer.output_dir={out}"]
+    settings = [
         "data.max_eval_samples=23",
         "trainer.num_train_epochs=1",
+        "trainer.gradient_accumulation_steps=2",
+        "trainer.gradient_checkpointing=true",
+        "trainer.bf16=true",
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(launch + recipe + settings, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2
-    assert summary["global_batch_size"] == 2 * 16
+    assert summary["global_batch_size"] == 2 * 16 * 2  # processes x per-device batch x accumulation
+    assert summary["bf16"] is True and summary["trainable_parameters"] < summary["parameters"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]
     assert proc.stdout.count("Done in") == 1  # only rank 0 reports
     # The same model evaluated by one process: no eval sample dropped or counted twice by the gather.

@@ -73,6 +73,10 @@ def test_resume_and_overwrite_flags(tmp_path):
     run.train(_recipe("bert.yaml", out, "trainer.max_steps=3"))
     with pytest.raises(LlmkitError, match="contradict"):
         run.train(_recipe("bert.yaml", out), overwrite=True, resume=True)
+    # --overwrite with a broken new recipe: the failure comes before anything is deleted.
+    with pytest.raises(LlmkitError, match="data file not found"):
+        run.train(_recipe("bert.yaml", out, "data.source=null", "data.train=missing.txt"), overwrite=True)
+    assert (out / "summary.json").exists() and (out / "model.safetensors").exists()
     summary = run.train(_recipe("bert.yaml", out), overwrite=True)
     assert summary["steps"] == 6
 
