@@ -98,15 +98,23 @@ def read_conll(path: str) -> dict[str, list]:
     return {"tokens": tokens, "ner_tags": tags}
 
 
-def _conll_dataset(files: list[str]) -> Dataset:
-    from datasets import Dataset
+def conll_as_jsonl(path: str) -> str:
+    """A JSONL copy of a CoNLL file in llmkit's cache (keyed by path, size and mtime).
 
-    rows: dict[str, list] = {"tokens": [], "ner_tags": []}
-    for f in files:
-        part = read_conll(f)
-        rows["tokens"] += part["tokens"]
-        rows["ner_tags"] += part["ner_tags"]
-    return Dataset.from_dict(rows)
+    Loading it with the json builder makes the data file-backed, so tokenization is cached by
+    datasets' fingerprint and every rank of a distributed run reuses the main process's work.
+    """
+    import hashlib
+    import json
+
+    st = Path(path).stat()
+    key = hashlib.sha256(f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = cache_dir() / "conll" / f"{Path(path).stem}-{key}.jsonl"
+    if not out.exists():
+        rows = read_conll(path)
+        lines = (json.dumps({"tokens": t, "ner_tags": g}) for t, g in zip(rows["tokens"], rows["ner_tags"], strict=True))
+        _atomic_write(out, "".join(line + "\n" for line in lines))
+    return str(out)
 
 
 # --------------------------------------------------------------------------- loading
@@ -118,11 +126,20 @@ def _as_list(value: str | list[str] | None) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
+def _blank(path: Path) -> bool:
+    """True for an empty or whitespace-only file (read at most 64 KB)."""
+    with path.open("rb") as f:
+        head = f.read(65536)
+    return not head.strip() and path.stat().st_size <= 65536
+
+
 def _local_files(recipe: Recipe) -> dict[str, list[str]]:
     files = {}
     for split in SPLITS:
         paths = _as_list(getattr(recipe.data, split))
         for p in paths:
+            if Path(p).is_file() and _blank(Path(p)):
+                raise DataError(f"data file is empty: {p} (data.{split}); point data.{split} at a file with rows")
             if not Path(p).is_file():
                 what = "is a directory, not a file" if Path(p).is_dir() else "not found"
                 raise DataError(
@@ -151,7 +168,7 @@ def _load_files(files: dict[str, list[str]]) -> DatasetDict:
 
     fmt = _format_of(files)
     if fmt == "conll":
-        return DatasetDict({split: _conll_dataset(paths) for split, paths in files.items()})
+        fmt, files = "json", {split: [conll_as_jsonl(p) for p in paths] for split, paths in files.items()}
     kwargs = {"delimiter": "\t"} if all(p.endswith(".tsv") for ps in files.values() for p in ps) else {}
     out = {}
     for split, paths in files.items():  # one split at a time: splits may differ in columns
