@@ -29,7 +29,7 @@ for job in "${@:-sst2 wnut scitldr}"; do
       scitldr)
         $LLMKIT finetune recipes/summarization.yaml "${common[@]}" model.name_or_path=null model.encoder="$MINILM" \
           data.train=$DATA/scitldr/train.jsonl data.validation=$DATA/scitldr/validation.jsonl \
-          data.columns.references=all_summaries data.max_length=256 data.max_target_length=48 data.max_eval_samples=null \
+          data.columns.document=document data.columns.summary=summary data.columns.references=all_summaries data.max_length=256 data.max_target_length=48 data.max_eval_samples=null \
           "options.source_prefix=''" generation.num_beams=1 generation.max_new_tokens=48 \
           trainer.num_train_epochs=1 trainer.per_device_train_batch_size=16 trainer.per_device_eval_batch_size=32 \
           trainer.output_dir=runs/quality-scitldr
