@@ -112,7 +112,9 @@ def conll_as_jsonl(path: str) -> str:
     out = cache_dir() / "conll" / f"{Path(path).stem}-{key}.jsonl"
     if not out.exists():
         rows = read_conll(path)
-        lines = (json.dumps({"tokens": t, "ner_tags": g}) for t, g in zip(rows["tokens"], rows["ner_tags"], strict=True))
+        lines = (
+            json.dumps({"tokens": t, "ner_tags": g}) for t, g in zip(rows["tokens"], rows["ner_tags"], strict=True)
+        )
         _atomic_write(out, "".join(line + "\n" for line in lines))
     return str(out)
 
@@ -289,3 +291,32 @@ def drop_bad_rows(recipe: Recipe, ds: Dataset, split: str, reason_of: Any, can_k
     log.warning("%s: %d bad rows dropped (first: row %d: %s)", where, len(bad), first_row, first_why)
     drop = {i for i, _ in bad}
     return ds.select([i for i in range(len(ds)) if i not in drop])
+
+
+def tokenize_splits(
+    recipe: Recipe,
+    ds: DatasetDict,
+    encode: Any,
+    *,
+    columns: dict[str, str] | None = None,
+    bad: Any = None,
+    can_keep: bool = True,
+) -> DatasetDict:
+    """Per split: check the role columns, apply data.on_bad_rows with `bad`, then tokenize with the
+    batched `encode` (cached by datasets' fingerprint), dropping the raw columns."""
+    from datasets import DatasetDict
+
+    out = {}
+    for split, data in ds.items():
+        if columns:
+            require_columns(data, columns, split)
+        if bad is not None:
+            data = drop_bad_rows(recipe, data, split, bad, can_keep=can_keep)
+        out[split] = data.map(
+            encode,
+            batched=True,
+            remove_columns=data.column_names,
+            num_proc=recipe.data.num_proc,
+            desc=f"Tokenizing {split}",
+        )
+    return DatasetDict(out)

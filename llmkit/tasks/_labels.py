@@ -57,3 +57,12 @@ def resolve_labels(
                     fix = "unlabelled rows (e.g. a hidden test set) cannot be evaluated; drop the split"
                 raise DataError(f"{split_origin(recipe, split)}, row {row}: label {v!r} is not in {source}; {fix}")
     return names
+
+
+def label_config(names: list[str]) -> dict:
+    """The model-config kwargs of a label list: num_labels, id2label, label2id."""
+    return {
+        "num_labels": len(names),
+        "id2label": dict(enumerate(names)),
+        "label2id": {n: i for i, n in enumerate(names)},
+    }

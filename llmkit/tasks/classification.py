@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from llmkit.data import drop_bad_rows, require_columns
+from llmkit.data import require_columns, tokenize_splits
 from llmkit.errors import DataError, RecipeError
 from llmkit.tasks import Task
-from llmkit.tasks._labels import feature_names, resolve_labels
+from llmkit.tasks._labels import feature_names, label_config, resolve_labels
 
 SINGLE, MULTI = "single_label_classification", "multi_label_classification"
 
@@ -53,7 +53,6 @@ def _labels(recipe: Any, ds: Any) -> list[str]:
 
 
 def _preprocess(recipe: Any, ds: Any, tokenizer: Any) -> Any:
-    from datasets import DatasetDict
 
     text, pair, label = _cols(recipe)
     names = recipe.options.labels
@@ -72,30 +71,15 @@ def _preprocess(recipe: Any, ds: Any, tokenizer: Any) -> Any:
                 enc["labels"] = [to_id(v) for v in batch[label]]
         return enc
 
-    out = {}
-    for split, data in ds.items():
-        require_columns(data, {"text": text, **({"text_pair": pair} if pair else {})}, split)
-        data = drop_bad_rows(
-            recipe, data, split, lambda row: None if isinstance(row[text], str) and row[text].strip() else "empty text"
-        )
-        out[split] = data.map(
-            encode,
-            batched=True,
-            remove_columns=data.column_names,
-            num_proc=recipe.data.num_proc,
-            desc=f"Tokenizing {split}",
-        )
-    return DatasetDict(out)
+    def bad(row: dict) -> str | None:
+        return None if isinstance(row[text], str) and row[text].strip() else "empty text"
+
+    roles = {"text": text, **({"text_pair": pair} if pair else {})}
+    return tokenize_splits(recipe, ds, encode, columns=roles, bad=bad)
 
 
 def _model_kwargs(recipe: Any) -> dict:
-    names = recipe.options.labels
-    return {
-        "num_labels": len(names),
-        "id2label": dict(enumerate(names)),
-        "label2id": {n: i for i, n in enumerate(names)},
-        "problem_type": recipe.options.problem_type,
-    }
+    return {**label_config(recipe.options.labels), "problem_type": recipe.options.problem_type}
 
 
 def _metrics(recipe: Any, tokenizer: Any, eval_ds: Any) -> tuple[Any, Any]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from llmkit.data import drop_bad_rows, require_columns
+from llmkit.data import require_columns, tokenize_splits
 from llmkit.errors import DataError
 from llmkit.tasks import Task
-from llmkit.tasks._labels import feature_names, resolve_labels
+from llmkit.tasks._labels import feature_names, label_config, resolve_labels
 
 IGNORE = -100  # the label id the loss and the metrics skip
 
@@ -64,7 +64,6 @@ def _b_to_i(names: list[str]) -> dict[int, int]:
 
 
 def _preprocess(recipe: Any, ds: Any, tokenizer: Any) -> Any:
-    from datasets import DatasetDict
 
     if not tokenizer.is_fast:
         raise DataError("NER needs a fast tokenizer (word alignment); pick a model with a tokenizer.json")
@@ -93,26 +92,7 @@ def _preprocess(recipe: Any, ds: Any, tokenizer: Any) -> Any:
         ]
         return enc
 
-    out = {}
-    for split, data in ds.items():
-        data = drop_bad_rows(recipe, data, split, bad, can_keep=False)
-        out[split] = data.map(
-            encode,
-            batched=True,
-            remove_columns=data.column_names,
-            num_proc=recipe.data.num_proc,
-            desc=f"Tokenizing {split}",
-        )
-    return DatasetDict(out)
-
-
-def _model_kwargs(recipe: Any) -> dict:
-    names = recipe.options.labels
-    return {
-        "num_labels": len(names),
-        "id2label": dict(enumerate(names)),
-        "label2id": {n: i for i, n in enumerate(names)},
-    }
+    return tokenize_splits(recipe, ds, encode, columns={"tokens": tokens, "tags": tags}, bad=bad, can_keep=False)
 
 
 def to_tags(predictions: Any, label_ids: Any, names: list[str]) -> tuple[list[list[str]], list[list[str]]]:
@@ -197,7 +177,7 @@ TASK = Task(
     corpus=lambda recipe, train: (" ".join(ws) for ws in train[_cols(recipe)[0]] if ws),
     metrics=_metrics,
     labels=_labels,
-    model_kwargs=_model_kwargs,
+    model_kwargs=lambda recipe: label_config(recipe.options.labels),
     predict=_predict,
     input_columns=("tokens",),
     # Batches of similar lengths: dynamic padding then pads little (megabatches stay shuffled).

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from llmkit.data import drop_bad_rows, require_columns
+from llmkit.data import tokenize_splits
 from llmkit.tasks import Task
 
 
@@ -24,7 +24,6 @@ def _empty(value: Any) -> bool:
 
 
 def _preprocess(recipe: Any, ds: Any, tokenizer: Any) -> Any:
-    from datasets import DatasetDict
 
     doc, summ, refs = _cols(recipe)
     prefix = recipe.options.source_prefix
@@ -47,18 +46,7 @@ def _preprocess(recipe: Any, ds: Any, tokenizer: Any) -> Any:
             enc["references"] = batch[refs] if refs and refs in batch else [[s] for s in batch[summ]]
         return enc
 
-    out = {}
-    for split, data in ds.items():
-        require_columns(data, {"document": doc, "summary": summ}, split)
-        data = drop_bad_rows(recipe, data, split, bad, can_keep=False)
-        out[split] = data.map(
-            encode,
-            batched=True,
-            remove_columns=data.column_names,
-            num_proc=recipe.data.num_proc,
-            desc=f"Tokenizing {split}",
-        )
-    return DatasetDict(out)
+    return tokenize_splits(recipe, ds, encode, columns={"document": doc, "summary": summ}, bad=bad, can_keep=False)
 
 
 def _collator(recipe: Any, tokenizer: Any, model: Any) -> Any:
