@@ -94,6 +94,14 @@ def _print_estimate(est: dict) -> None:
         typer.echo(f"  {key:<22} {value}")
 
 
+def _print_metrics(metrics: dict) -> None:
+    """The metrics as a table, without the timing and bookkeeping entries (the JSON files keep them)."""
+    skip = ("_runtime", "_per_second", "_preparation_time", "epoch", "split", "samples")
+    for key, value in metrics.items():
+        if not key.endswith(skip):
+            typer.echo(f"  {key:<28} {value:.4f}" if isinstance(value, float) else f"  {key:<28} {value}")
+
+
 def _train_command(
     stage: str, recipe: Path, overrides: list[str] | None, dry_run: bool, overwrite: bool, resume: bool
 ) -> None:
@@ -110,13 +118,11 @@ def _train_command(
         return
     summary = run.train(r, overwrite=overwrite, resume=resume)
     if summary:
-        metrics = {k: v for k, v in summary["final_metrics"].items() if not k.endswith(("_runtime", "_per_second"))}
         typer.echo(
             f"\nDone in {summary['wall_time_s']:.0f}s: {summary['steps']} steps, "
             f"{summary['train_samples_per_second']:.1f} samples/s. Saved to {summary['output_dir']}"
         )
-        for key, value in metrics.items():
-            typer.echo(f"  {key:<28} {value:.4f}" if isinstance(value, float) else f"  {key:<28} {value}")
+        _print_metrics(summary["final_metrics"])
 
 
 @app.command(context_settings=_TRAIN_CTX)
@@ -189,9 +195,8 @@ def evaluate(
         r = run.recipe_for_evaluation(target, overrides or [])
         _setup_logging()
         metrics = run.evaluate(r, split)
-        typer.echo(f"\nMetrics on {split}:")
-        for key, value in metrics.items():
-            typer.echo(f"  {key:<28} {value:.4f}" if isinstance(value, float) else f"  {key:<28} {value}")
+        typer.echo(f"\nMetrics on {split} ({metrics['samples']} samples):")
+        _print_metrics(metrics)
 
     guarded(debug, go)
 
