@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -114,9 +116,12 @@ def train_tokenizer(recipe: Recipe, task: Task, train: Any) -> Any:
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, model_max_length=recipe.data.max_length, **token_kwargs
     )
-    tmp = folder.with_name(folder.name + ".tmp")
+    tmp = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
     tokenizer.save_pretrained(str(tmp))
-    tmp.replace(folder) if not folder.exists() else None
+    try:
+        tmp.replace(folder)  # atomic: a reader never sees a half-written tokenizer
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # another process saved the same tokenizer first
     return tokenizer
 
 
