@@ -44,6 +44,12 @@ def test_output_holds_the_adapter_not_the_model(ner_lora):
     assert 0 < summary["trainable_parameters"] < summary["parameters"]
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["task_type"] == "TOKEN_CLS" and config["r"] == 8
+    from safetensors import safe_open
+
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert any("lora_A" in k for k in keys)
+    assert any("classifier" in k for k in keys)  # the new tagging head is saved with the adapter
 
 
 def test_evaluate_and_predict_load_base_plus_adapter(ner_lora, tmp_path):
