@@ -52,7 +52,19 @@ def _preprocess(recipe: Any, ds: Any, tokenizer: Any) -> Any:
 def _collator(recipe: Any, tokenizer: Any, model: Any) -> Any:
     from transformers import DataCollatorForSeq2Seq
 
-    return DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100)
+    pad = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100)
+    start = getattr(getattr(model, "config", None), "decoder_start_token_id", None)
+
+    def collate(features: list[dict]) -> dict:
+        # The decoder input begins with its start token; a target that begins with the same token
+        # (a BERT tokenizer's [CLS] in bert2bert) would teach it to repeat that token forever.
+        if start is not None:
+            features = [
+                {**f, "labels": f["labels"][1:]} if f.get("labels") and f["labels"][0] == start else f for f in features
+            ]
+        return pad(features)
+
+    return collate
 
 
 def _metrics(recipe: Any, tokenizer: Any, eval_ds: Any) -> tuple[Any, Any]:

@@ -272,3 +272,16 @@ def test_classification_reduce_keeps_decisions_not_logits():
         label_ids = np.array([1, 1])
 
     assert compute(P())["accuracy"] == 0.5
+
+
+def test_summarization_collator_never_targets_the_decoder_start_token(tokenizer):
+    """bert2bert: the decoder starts from [CLS]; a [CLS]-first target would teach it to repeat [CLS]."""
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(config=SimpleNamespace(decoder_start_token_id=tokenizer.cls_token_id))
+    collate = get_task("summarization").collator(_recipe("summarization"), tokenizer, model)
+    target = tokenizer(text_target="Peter lives")["input_ids"]
+    assert target[0] == tokenizer.cls_token_id
+    batch = collate([{"input_ids": [5, 6], "labels": target}, {"input_ids": [7], "labels": [9, 10]}])
+    assert batch["labels"][0].tolist() == target[1:]
+    assert batch["labels"][1].tolist()[:2] == [9, 10]
