@@ -137,6 +137,8 @@ def estimate(recipe: Recipe, task: Task, tokenizer: Any, tokenized: Any, model_k
 
     args = recipe.args
     model = modeling.build_model(recipe, task, tokenizer, model_kwargs, meta=True)
+    if recipe.lora is not None:
+        model = modeling.apply_lora(model, recipe, None)
     trainable, total = modeling.count_parameters(model)
     per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     n_train = len(tokenized["train"])

@@ -119,6 +119,12 @@ def test_lora_for_other_tasks(tmp_path, name):
     assert metrics["eval_loss"] == pytest.approx(summary["final_metrics"]["eval_loss"], rel=0.2)
 
 
+def test_dry_run_counts_trainable_lora_parameters(tmp_path):
+    est = run.train(_recipe("ner-lora.yaml", tmp_path / "run"), dry_run=True)
+    assert 0 < est["trainable_parameters"] < 0.2 * est["parameters"]
+    assert not (tmp_path / "run").exists()
+
+
 def test_quantization_needs_cuda(tmp_path):
     from llmkit.errors import RecipeError
 
