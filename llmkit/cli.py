@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 import typer
 
 from llmkit import __version__
-from llmkit.errors import LlmkitError
+from llmkit.errors import Interrupted, LlmkitError
 
 app = typer.Typer(
     help="Pretrain and fine-tune Hugging Face transformers from YAML recipes.",
@@ -65,6 +66,10 @@ def guarded(debug: bool, fn: Callable[[], Any]) -> Any:
             raise
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+    except Interrupted as e:
+        words = [w for w in sys.argv[1:] if w not in ("--overwrite", "--resume")]
+        typer.echo(f"interrupted: {e}. Resume with: llmkit {shlex.join(words)} --resume", err=True)
+        raise typer.Exit(130) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None

@@ -11,3 +11,7 @@ class RecipeError(LlmkitError):
 
 class DataError(LlmkitError):
     """The data named by the recipe is missing, empty or malformed."""
+
+
+class Interrupted(Exception):  # noqa: N818 - it is not an error: the user asked to stop
+    """Training stopped on SIGINT/SIGTERM after saving a checkpoint (exit code 130)."""

@@ -12,7 +12,7 @@ from typing import Any
 
 from llmkit import __version__
 from llmkit.config import Recipe, dump_yaml, resolve
-from llmkit.errors import LlmkitError, RecipeError
+from llmkit.errors import Interrupted, LlmkitError, RecipeError
 from llmkit.tasks import Task, get_task
 
 log = logging.getLogger("llmkit")
@@ -234,7 +234,15 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, dry_
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.yaml").write_text(dump_yaml(resolved_dict(recipe)), encoding="utf-8")
 
-    result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    from llmkit.interrupt import StopOnSignal
+
+    stopper = StopOnSignal(args.world_size)
+    trainer.add_callback(stopper)
+    with stopper:
+        result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    if stopper.stopped:
+        saved = last_checkpoint(out)
+        raise Interrupted(f"stopped at step {trainer.state.global_step}; checkpoint saved in {saved}")
     trainer.save_model()
     train_metrics = dict(result.metrics)
     eval_metrics = {}

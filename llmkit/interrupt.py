@@ -1,0 +1,63 @@
+"""Safe interruption: the first Ctrl-C (SIGINT) or SIGTERM saves a checkpoint and stops; a second quits at once."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Any
+
+from transformers import TrainerCallback
+
+log = logging.getLogger("llmkit")
+
+
+class StopOnSignal(TrainerCallback):
+    """Asks the Trainer to save and stop at the end of the current step when a signal arrives.
+
+    Every rank of a distributed run learns of it at the same step (the flag is all-reduced), so
+    they save together. Use as a context manager around `trainer.train()`: the handlers are
+    restored afterwards.
+    """
+
+    def __init__(self, world_size: int = 1) -> None:
+        self.requested = False
+        self.stopped = False
+        self.world_size = world_size
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt  # the second signal: quit now
+        self.requested = True
+        log.warning(
+            "%s received: saving a checkpoint at the end of this step (again to quit at once)",
+            signal.Signals(signum).name,
+        )
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _any_rank_requested(self) -> bool:
+        if self.world_size <= 1:
+            return self.requested
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        dist.all_reduce(flag)
+        return flag.item() > 0
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if self._any_rank_requested():
+            self.stopped = True
+            control.should_save = True
+            control.should_training_stop = True
+        return control
