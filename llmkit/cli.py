@@ -48,7 +48,11 @@ def _root(
 
 def _setup_logging() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.basicConfig(level=logging.INFO, format="[llmkit] %(message)s", stream=sys.stderr)
+    # Under torchrun/accelerate only rank 0 reports progress; the other ranks speak up for problems only.
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING, format="[llmkit] %(message)s", stream=sys.stderr
+    )
     try:
         import transformers
 
