@@ -3,6 +3,7 @@ one output folder, world size 2, global batch reported right, eval gathered exac
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -17,7 +18,10 @@ pytestmark = pytest.mark.distributed
 def test_torchrun_two_processes_matches_single_process_eval(tmp_path, monkeypatch):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    with socket.socket() as s:  # a free port, so parallel CI jobs do not collide
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
     recipe = ["-m", "llmkit", "finetune", "recipes/tiny/ner-lora.yaml", f"trainer.output_dir={out}"]
     settings = [
         "data.max_eval_samples=23",
