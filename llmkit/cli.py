@@ -252,6 +252,23 @@ def export(
     guarded(debug, go)
 
 
+@app.command("recipes")
+def recipes_list(debug: bool = DebugOpt) -> None:
+    """List the shipped recipes: path, task and what each does."""
+
+    def go() -> None:
+        from llmkit.config import load_raw, shipped_recipes_dir
+
+        root = shipped_recipes_dir()
+        for path in sorted(root.rglob("*.yaml")):
+            first = path.read_text(encoding="utf-8").splitlines()[0]
+            what = first.split(": ", 1)[1] if ": " in first else ""
+            task = "(accelerate)" if path.parent.name == "accelerate" else load_raw(path).get("task", "?")
+            typer.echo(f"{path.relative_to(root.parent).as_posix():<42} {task:<15} {what}")
+
+    guarded(debug, go)
+
+
 @recipe_app.command("show", context_settings=_TRAIN_CTX)
 def recipe_show(recipe: Path = RecipeArg, overrides: list[str] = OverridesArg, debug: bool = DebugOpt) -> None:
     """Print the recipe merged (extends), overridden and resolved."""

@@ -114,6 +114,15 @@ def test_recipe_show_merges_and_overrides():
     assert "learning_rate: 0.0005" in out  # inherited from recipes/bert.yaml, as a float
 
 
+def test_recipes_lists_the_shipped_recipes():
+    result = runner.invoke(app, ["recipes"])
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[0]: line.split()[1] for line in result.output.splitlines()}
+    assert lines["recipes/bert.yaml"] == "mlm" and lines["recipes/tiny/ner-lora.yaml"] == "ner"
+    assert lines["recipes/accelerate/fsdp.yaml"] == "(accelerate)"
+    assert "pretrain a small BERT" in result.output
+
+
 def test_python_dash_m_runs_the_cli():
     out = subprocess.run([sys.executable, "-m", "llmkit", "--version"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and out.stdout.strip() == f"llmkit {__version__}"
