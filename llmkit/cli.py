@@ -252,6 +252,23 @@ def export(
     guarded(debug, go)
 
 
+@app.command()
+def report(
+    runs: list[Path] = typer.Argument(..., help="One or more run folders."),
+    output: Path = typer.Option(None, "--output", "-o", help="Where the plots go (default: RUN/plots for one run)."),
+    debug: bool = DebugOpt,
+) -> None:
+    """Redraw a run's plots (loss, learning rate, main metric); several runs are overlaid for comparison."""
+
+    def go() -> None:
+        from llmkit.report import report as draw
+
+        for path in draw(runs, output):
+            typer.echo(str(path))
+
+    guarded(debug, go)
+
+
 @app.command("recipes")
 def recipes_list(debug: bool = DebugOpt) -> None:
     """List the shipped recipes: path, task and what each does."""

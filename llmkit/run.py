@@ -261,7 +261,10 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, dry_
         if eval_metrics:
             _write_json(out / "eval_validation.json", eval_metrics)
         summary = _summary(recipe, task, trainer, train_metrics, eval_metrics, trainable, total, time.time() - started)
-        _write_json(out / FINISHED, summary)
+        from llmkit.report import write_run_report
+
+        write_run_report(out, recipe, task, summary)
+        _write_json(out / FINISHED, summary)  # last: its presence marks the run finished
     return summary
 
 

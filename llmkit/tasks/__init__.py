@@ -45,6 +45,8 @@ class Task:
     input_columns: tuple[str, ...] = ("text",)  # roles a predict input file must have
     trainer_defaults: dict = field(default_factory=dict)  # TrainingArguments defaults for this task
     validate: Callable[[Any], None] = _no_check
+    main_metric: str = "eval_loss"  # the one number a run is judged by (plots, report)
+    pipeline_tag: str = ""  # the Hugging Face Hub pipeline of the trained model (model card)
     perplexity: bool = False  # report exp(eval_loss)
     seq2seq: bool = False
     tokens_per_sample: bool = True  # samples are packed blocks of data.max_length tokens

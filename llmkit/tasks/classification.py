@@ -140,6 +140,8 @@ def _predict(recipe: Any, model: Any, tokenizer: Any, rows: list[dict]) -> list[
 
 TASK = Task(
     name="classification",
+    main_metric="eval_accuracy",
+    pipeline_tag="text-classification",
     stage="finetune",
     description="text classification (single- or multi-label, optional text pair)",
     auto_model="AutoModelForSequenceClassification",

@@ -35,6 +35,8 @@ def collate_blocks(features: list[dict]) -> dict:
 
 TASK = Task(
     name="clm",
+    main_metric="eval_perplexity",
+    pipeline_tag="text-generation",
     stage="pretrain",
     description="causal language modeling (GPT-style) on packed text",
     auto_model="AutoModelForCausalLM",

@@ -38,6 +38,8 @@ def _collator(recipe: Any, tokenizer: Any, model: Any) -> Any:
 
 TASK = Task(
     name="mlm",
+    main_metric="eval_perplexity",
+    pipeline_tag="fill-mask",
     stage="pretrain",
     description="masked language modeling (BERT-style) on packed text",
     auto_model="AutoModelForMaskedLM",

@@ -166,6 +166,8 @@ def _predict(recipe: Any, model: Any, tokenizer: Any, rows: list[dict]) -> list[
 
 TASK = Task(
     name="ner",
+    main_metric="eval_f1",
+    pipeline_tag="token-classification",
     stage="finetune",
     description="token classification (NER) with entity-level metrics",
     auto_model="AutoModelForTokenClassification",

@@ -126,6 +126,8 @@ def _predict(recipe: Any, model: Any, tokenizer: Any, rows: list[dict]) -> list[
 
 TASK = Task(
     name="summarization",
+    main_metric="eval_rougeL",
+    pipeline_tag="summarization",
     stage="finetune",
     description="summarization (seq2seq) with ROUGE, generation in eval and predict",
     auto_model="AutoModelForSeq2SeqLM",

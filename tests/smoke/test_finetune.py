@@ -33,6 +33,20 @@ def test_classification_finetune_evaluate_predict(tmp_path):
     config = transformers.AutoConfig.from_pretrained(out)
     assert config.id2label == {0: "negative", 1: "positive"}  # string labels saved as names
 
+    # What the run leaves for people: plots and a Hugging Face model card.
+    assert {p.name for p in (out / "plots").iterdir()} == {"loss.png", "learning_rate.png", "accuracy.png"}
+    card = (out / "README.md").read_text()
+    header = card.split("---")[1]
+    assert "library_name: llmkit" in header and "pipeline_tag: text-classification" in header
+    assert "- train.jsonl" in header and "- accuracy" in header
+    assert f"| accuracy | {metrics['eval_accuracy']:.4f} |" in card
+    assert "AutoModelForSequenceClassification.from_pretrained" in card and "task: classification" in card
+    from llmkit.report import report
+
+    drawn = report([out, out], tmp_path / "compare")
+    assert sorted(p.name for p in drawn) == ["accuracy.png", "learning_rate.png", "loss.png"]
+    assert all(p.stat().st_size > 5000 for p in drawn)
+
     test = run.evaluate(run.recipe_for_evaluation(out, []), "test")
     assert test["samples"] == 24 and 0 <= test["eval_accuracy"] <= 1
     assert json.loads((out / "eval_test.json").read_text())["eval_accuracy"] == test["eval_accuracy"]
