@@ -127,11 +127,32 @@ def _train_command(
         return
     summary = run.train(r, overwrite=overwrite, resume=resume)
     if summary:
-        typer.echo(
-            f"\nDone in {summary['wall_time_s']:.0f}s: {summary['steps']} steps, "
-            f"{summary['train_samples_per_second']:.1f} samples/s. Saved to {summary['output_dir']}"
-        )
-        _print_metrics(summary["final_metrics"])
+        _print_report(summary)
+
+
+def _print_report(s: dict) -> None:
+    """The end-of-run table (the same facts as summary.json) and the next command to try."""
+    out = s["output_dir"]
+    tokens = f", {s['train_tokens_per_second']:,.0f} tokens/s" if s.get("train_tokens_per_second") else ""
+    rows = [
+        ("task", s["task"]),
+        ("model", s["model"]),
+        ("parameters", f"{s['parameters']:,} ({s['trainable_parameters']:,} trained)"),
+        ("steps", f"{s['steps']} ({s['epochs']:.2f} epochs, global batch {s['global_batch_size']})"),
+        ("wall time", f"{s['wall_time_s']:.0f} s"),
+        ("throughput", f"{s['train_samples_per_second'] or 0:.1f} samples/s{tokens}"),
+        ("saved to", f"{out} (model, recipe.yaml, summary.json, plots/, README.md)"),
+    ]
+    typer.echo(f"\nDone in {s['wall_time_s']:.0f}s.")
+    for key, value in rows:
+        typer.echo(f"  {key:<28} {value}")
+    _print_metrics(s["final_metrics"])
+    nxt = f"llmkit evaluate {out} --split test"
+    if s["task"] not in ("mlm", "clm"):
+        nxt += f"   |   llmkit predict {out} -i inputs.jsonl -o preds.jsonl"
+    if s["trainable_parameters"] < s["parameters"]:
+        nxt += f"   |   llmkit export {out} {out}-merged --merge"
+    typer.echo(f"Next: {nxt}")
 
 
 @app.command(context_settings=_TRAIN_CTX)

@@ -23,10 +23,17 @@ def engine(monkeypatch):
         if kwargs.get("dry_run"):
             return {"parameters": 10, "steps": 3}
         return {
-            "final_metrics": {"eval_loss": 1.5},
-            "wall_time_s": 1.0,
+            "task": recipe.task,
+            "model": "m",
+            "parameters": 100,
+            "trainable_parameters": 100,
             "steps": 3,
+            "epochs": 1.0,
+            "global_batch_size": 8,
+            "wall_time_s": 1.0,
             "train_samples_per_second": 9.0,
+            "train_tokens_per_second": 288.0,
+            "final_metrics": {"eval_loss": 1.5},
             "output_dir": recipe.trainer["output_dir"],
         }
 
@@ -54,7 +61,8 @@ def test_pretrain_passes_recipe_overrides_and_flags(engine):
     assert recipe.trainer["seed"] == 7 and recipe.args.seed == 7
     assert recipe.data.max_length == 16
     assert kwargs == {"overwrite": True, "resume": False}
-    assert "eval_loss" in result.output
+    assert "eval_loss" in result.output and "288 tokens/s" in result.output
+    assert "Next: llmkit evaluate runs/tiny-bert --split test" in result.output
 
 
 def test_dry_run_prints_resolved_recipe_and_estimate(engine):
