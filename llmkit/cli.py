@@ -290,6 +290,35 @@ def report(
     guarded(debug, go)
 
 
+@app.command()
+def init(
+    task: str = typer.Argument(..., help="mlm, clm, classification, ner or summarization."),
+    output: Path = typer.Option(None, "--output", "-o", help="Where to write it (default: TASK.yaml here)."),
+    debug: bool = DebugOpt,
+) -> None:
+    """Write a commented starter recipe for TASK (a copy of the shipped one) to edit."""
+
+    def go() -> None:
+        from llmkit.config import load_raw, shipped_recipe
+
+        source = shipped_recipe(task)
+        dest = output or Path(f"{task}.yaml")
+        if dest.exists():
+            raise LlmkitError(f"{dest} exists; choose another name with --output NAME.yaml")
+        lines = source.read_text(encoding="utf-8").splitlines()
+        what = lines[0].split(": ", 1)[1] if ": " in lines[0] else ""
+        lines[0] = f"# {dest}: {what} (started from llmkit's {source.name} by `llmkit init {task}`)"
+        dest.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        from llmkit.tasks import get_task
+
+        stage = get_task(load_raw(dest)["task"]).stage
+        typer.echo(
+            f"Wrote {dest}. Edit it, check it with `llmkit {stage} {dest} --dry-run`, then `llmkit {stage} {dest}`"
+        )
+
+    guarded(debug, go)
+
+
 @app.command("recipes")
 def recipes_list(debug: bool = DebugOpt) -> None:
     """List the shipped recipes: path, task and what each does."""

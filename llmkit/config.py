@@ -365,7 +365,7 @@ def shipped_recipe(task: str) -> Path:
     """The shipped recipe for a task (`llmkit finetune --task ner` -> recipes/ner.yaml)."""
     from llmkit.tasks import all_tasks
 
-    path = shipped_recipes_dir() / f"{task}.yaml"
+    path = shipped_recipes_dir() / {"mlm": "bert.yaml", "clm": "gpt2.yaml"}.get(task, f"{task}.yaml")
     if not path.is_file():
         raise RecipeError(
             f"no shipped recipe for task {task!r}{suggest(task, all_tasks())}; tasks: {', '.join(all_tasks())}"

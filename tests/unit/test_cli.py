@@ -131,6 +131,21 @@ def test_recipes_lists_the_shipped_recipes():
     assert "pretrain a small BERT" in result.output
 
 
+def test_init_writes_a_starter_recipe_that_validates(tmp_path):
+    from llmkit.config import load_recipe
+
+    dest = tmp_path / "mine.yaml"
+    result = runner.invoke(app, ["init", "ner", "--output", str(dest)])
+    assert result.exit_code == 0, result.output
+    text = dest.read_text()
+    assert text.startswith(f"# {dest}: fine-tune a token classifier") and "llmkit finetune" in result.output
+    assert load_recipe(dest).task == "ner"
+    again = runner.invoke(app, ["init", "ner", "--output", str(dest)])
+    assert again.exit_code == 2 and "exists" in again.stderr
+    result = runner.invoke(app, ["init", "mlm", "--output", str(tmp_path / "p.yaml")])
+    assert result.exit_code == 0 and "llmkit pretrain" in result.output
+
+
 def test_python_dash_m_runs_the_cli():
     out = subprocess.run([sys.executable, "-m", "llmkit", "--version"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and out.stdout.strip() == f"llmkit {__version__}"
