@@ -42,23 +42,29 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings, errors and the final report only."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also the libraries' info messages."),
 ) -> None:
     """Pretrain and fine-tune Hugging Face transformers from YAML recipes."""
+    if quiet and verbose:
+        raise typer.BadParameter("--quiet and --verbose contradict each other")
+    # An environment variable, so that the recipe resolution (progress bars) and every rank see it.
+    os.environ["LLMKIT_VERBOSITY"] = "quiet" if quiet else "verbose" if verbose else "normal"
 
 
 def _setup_logging() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Under torchrun/accelerate only rank 0 reports progress; the other ranks speak up for problems only.
     rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING, format="[llmkit] %(message)s", stream=sys.stderr
-    )
-    try:
-        import transformers
+    verbosity = os.environ.get("LLMKIT_VERBOSITY", "normal")
+    level = logging.WARNING if verbosity == "quiet" or rank > 0 else logging.INFO
+    logging.basicConfig(level=level, format="[llmkit] %(message)s", stream=sys.stderr, force=True)
+    import datasets
+    import transformers
 
-        transformers.logging.set_verbosity_warning()
-    except ImportError:
-        pass
+    transformers.logging.set_verbosity_info() if verbosity == "verbose" else transformers.logging.set_verbosity_warning()
+    if verbosity == "quiet" or not sys.stderr.isatty():
+        datasets.disable_progress_bars()  # no live bars in logs and pipes; the Trainer logs lines instead
 
 
 def guarded(debug: bool, fn: Callable[[], Any]) -> Any:

@@ -464,17 +464,25 @@ def resolve(recipe: Recipe) -> Recipe:
     trainer = {**TRAINER_DEFAULTS, **task.trainer_defaults, **recipe.trainer}
     if "bf16" not in trainer and "fp16" not in trainer:
         trainer["bf16"] = fast_bf16_available()
-    if "use_cpu" not in trainer and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
-        # Under torchrun on a CPU-only machine, Accelerate sets up gloo DDP only when told it is on CPU;
-        # otherwise every process trains alone (world size 1).
-        trainer["use_cpu"] = True
+    # Settings that depend on where and how this process runs, not on the experiment: they go to
+    # TrainingArguments but not into the recipe, so a run can resume from a pipe, a terminal or torchrun.
+    runtime = {}
+    if "use_cpu" not in trainer and not _has_accelerator():
+        # On a CPU-only machine say so: under torchrun Accelerate sets up gloo DDP only when told it is
+        # on CPU (otherwise every process trains alone), and bf16 autocast on CPU needs it too.
+        runtime["use_cpu"] = True
+    if "disable_tqdm" not in trainer:
+        import sys
+
+        # A live progress bar on a terminal; one plain line per log step in pipes and CI logs.
+        runtime["disable_tqdm"] = os.environ.get("LLMKIT_VERBOSITY") == "quiet" or not sys.stderr.isatty()
     if "dataloader_pin_memory" not in trainer:
         import torch
 
         # Pinned memory only helps host-to-GPU copies; on CPU it just warns.
-        trainer["dataloader_pin_memory"] = torch.cuda.is_available()
+        runtime["dataloader_pin_memory"] = torch.cuda.is_available()
     recipe.trainer = trainer
-    recipe.args = _construct(task.training_args_cls(), trainer, "trainer")
+    recipe.args = _construct(task.training_args_cls(), {**trainer, **runtime}, "trainer")
     if recipe.model.quantization is not None:
         _check_quantization(recipe.model.quantization)
     if recipe.peft is not None:

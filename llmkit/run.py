@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -234,6 +235,10 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, dry_
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.yaml").write_text(dump_yaml(resolved_dict(recipe)), encoding="utf-8")
 
+    if os.environ.get("LLMKIT_VERBOSITY") == "quiet":
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # --quiet: no per-step log lines either
     from llmkit.interrupt import StopOnSignal
 
     stopper = StopOnSignal(args.world_size)

@@ -170,3 +170,14 @@ def test_predict_and_evaluate_need_a_run(tmp_path):
     assert result.exit_code == 2 and "not an llmkit run" in result.stderr
     result = runner.invoke(app, ["predict", str(tmp_path), "--input", "x.jsonl", "--output", "y.jsonl"])
     assert result.exit_code == 2 and "not an llmkit run" in result.stderr
+
+
+def test_quiet_and_verbose(engine, monkeypatch):
+    monkeypatch.setenv("LLMKIT_VERBOSITY", "normal")
+    result = runner.invoke(app, ["-q", "pretrain", str(RECIPES / "tiny/bert.yaml")])
+    assert result.exit_code == 0, result.output
+    recipe = engine[0][0]
+    assert recipe.args.disable_tqdm is True
+    assert "disable_tqdm" not in recipe.trainer  # how it runs is not part of the experiment
+    result = runner.invoke(app, ["-q", "-v", "pretrain", str(RECIPES / "tiny/bert.yaml")])
+    assert result.exit_code == 2
