@@ -217,7 +217,14 @@ def load_splits(recipe: Recipe, seed: int = 42) -> DatasetDict:
     from datasets import DatasetDict
 
     d = recipe.data
-    if d.source == "pydoc":
+    if d.train is not None and (d.load is not None or d.source is not None):
+        # `llmkit finetune recipes/classification.yaml data.train=my.csv`: the user's own training
+        # file replaces the recipe's dataset (its splits are not mixed with the user's).
+        import logging
+
+        logging.getLogger("llmkit").info("data.train is given: the recipe's data.load/data.source is not used")
+        ds = None
+    elif d.source == "pydoc":
         ds = _load_files({"train": [str(pydoc_corpus_file())]})
     elif d.load is not None:
         ds = _load_hub(d.load)

@@ -72,3 +72,10 @@ def test_missing_column_lists_found_columns(write):
 def test_pydoc_corpus_is_real_prose():
     text = pydoc_corpus_file().read_text()
     assert len(text) > 300_000 and "the" in text.split()
+
+
+def test_a_local_train_file_replaces_the_recipes_dataset(write):
+    """`finetune recipes/classification.yaml data.train=my.csv`: the Hub dataset is not loaded (nor mixed in)."""
+    train = write("my.csv", "review,label\ngood,1\nbad,0\nfine,1\nawful,0\n")
+    ds = load_splits(_recipe(write, f"{{load: {{path: some/hub-dataset}}, train: {train}, validation_split: 0.25}}"))
+    assert sorted(ds) == ["train", "validation"] and len(ds["train"]) == 3
