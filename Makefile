@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo quality clean
 
 $(BIN)/llmkit: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -29,8 +29,8 @@ lint: $(BIN)/llmkit
 demo: $(BIN)/llmkit  ## install, then pretrain the default BERT recipe (offline, ~5 min on 2 cores)
 	$(BIN)/llmkit pretrain recipes/bert.yaml --overwrite
 
-bench: $(BIN)/llmkit
-	$(BIN)/python benchmarks/run.py
+quality: $(BIN)/llmkit  ## the README's quality numbers on ../shared/data (about an hour on 2 CPU cores)
+	bash benchmarks/quality.sh sst2 wnut scitldr sst2-full
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache build dist
