@@ -13,7 +13,7 @@ from typing import Any
 import typer
 
 from llmkit import __version__
-from llmkit.errors import Interrupted, LlmkitError
+from llmkit.errors import Interrupted, LlmkitError, first_line
 
 app = typer.Typer(
     help="Pretrain and fine-tune Hugging Face transformers from YAML recipes.",
@@ -88,7 +88,7 @@ def guarded(debug: bool, fn: Callable[[], Any]) -> Any:
     except Exception as e:  # noqa: BLE001 - the last line of defence: one line, not a traceback
         if debug:
             raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        first = first_line(e, default="")
         typer.echo(f"error: {type(e).__name__}: {first} (run again with --debug for the traceback)", err=True)
         raise typer.Exit(1) from None
 

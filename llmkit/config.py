@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from llmkit.errors import RecipeError
+from llmkit.errors import RecipeError, first_line
 
 # --------------------------------------------------------------------------- YAML
 
@@ -54,7 +54,7 @@ def parse_yaml(text: str, where: str = "<string>") -> Any:
         pos = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
         raise RecipeError(f"{where}{pos}: YAML syntax error: {e.problem or e.context}") from None
     except yaml.YAMLError as e:
-        raise RecipeError(f"{where}: YAML error: {str(e).splitlines()[0]}") from None
+        raise RecipeError(f"{where}: YAML error: {first_line(e)}") from None
 
 
 def dump_yaml(data: Any) -> str:
@@ -431,7 +431,7 @@ def _construct(cls: type, kwargs: dict, path: str) -> Any:
     try:
         return cls(**kwargs)
     except (ValueError, TypeError, ImportError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise RecipeError(f"{path}: {first}") from None
 
 
@@ -502,7 +502,7 @@ def resolve(recipe: Recipe) -> Recipe:
             recipe.generation_config = GenerationConfig(**recipe.generation)
             recipe.generation_config.validate(strict=True)
         except ValueError as e:
-            raise RecipeError(f"generation: {str(e).strip().splitlines()[0]}") from None
+            raise RecipeError(f"generation: {first_line(e)}") from None
     if recipe.metrics:
         from llmkit.metrics import extra_metrics
 

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmkit.errors import DataError
+from llmkit.errors import DataError, first_line
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
@@ -53,11 +53,12 @@ def pydoc_corpus_file() -> Path:
                 text = " ".join(line.strip() for line in block.splitlines() if line.strip())
                 if len(text) > 20:
                     paragraphs.append(text)
-        _atomic_write(path, "\n".join(paragraphs) + "\n")
+        atomic_write(path, "\n".join(paragraphs) + "\n")
     return path
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
+    """Write a text file through a temporary name and a rename: never seen half-written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -115,7 +116,7 @@ def conll_as_jsonl(path: str) -> str:
         lines = (
             json.dumps({"tokens": t, "ner_tags": g}) for t, g in zip(rows["tokens"], rows["ner_tags"], strict=True)
         )
-        _atomic_write(out, "".join(line + "\n" for line in lines))
+        atomic_write(out, "".join(line + "\n" for line in lines))
     return str(out)
 
 
@@ -177,10 +178,10 @@ def _load_files(files: dict[str, list[str]]) -> DatasetDict:
         try:
             out[split] = load_dataset(fmt, data_files={split: paths}, split=split, **kwargs)
         except Exception as e:  # noqa: BLE001 - pyarrow/pandas parse errors come in many types
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            msg = first_line(e)
             cause = e.__cause__ or e.__context__
             if cause is not None and str(cause).strip():
-                msg = f"{msg}: {str(cause).strip().splitlines()[0]}"
+                msg = f"{msg}: {first_line(cause)}"
             raise DataError(f"cannot read {fmt} data {', '.join(paths)} (data.{split}): {msg}") from None
     return DatasetDict(out)
 
@@ -199,7 +200,7 @@ def _load_hub(load: dict) -> DatasetDict:
             if offline
             else "; check the name, or use local files: data.load=null data.train=path/to/train.jsonl"
         )
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise DataError(f"cannot load dataset {load.get('path')!r}: {first}{hint}") from None
     if isinstance(ds, Dataset):
         ds = DatasetDict({"train": ds})

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from llmkit.errors import RecipeError
+from llmkit.errors import RecipeError, first_line
 
 
 def classification_scores(predictions: Any, references: Any, multi_label: bool = False) -> dict[str, float]:
@@ -112,7 +112,7 @@ def load_metric(name: str) -> Any:
     try:
         return evaluate.load(name)
     except Exception as e:  # noqa: BLE001 - offline, missing and broken modules fail differently
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise RecipeError(
             f"metrics: cannot load {name!r} with evaluate.load ({first}); offline, remove it from the recipe's "
             f"metrics list (llmkit's built-in metrics always run) or give a local metric script path"

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmkit.data import cache_dir
-from llmkit.errors import RecipeError
+from llmkit.errors import RecipeError, first_line
 
 if TYPE_CHECKING:
     from llmkit.config import Recipe
@@ -54,7 +54,7 @@ def load_tokenizer(name_or_path: str, recipe: Recipe | None = None, key: str = "
     try:
         return AutoTokenizer.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0]
+        first = first_line(e)
         raise RecipeError(
             f"cannot load tokenizer {name_or_path!r} ({key}): {first}{_offline_hint()}; "
             f"set {key}=PATH to a local folder"
@@ -191,7 +191,7 @@ def build_config(recipe: Recipe, task: Task, tokenizer: Any, extra: dict) -> Any
                 m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code
             )
         except (OSError, ValueError) as e:
-            first = str(e).strip().splitlines()[0]
+            first = first_line(e)
             raise RecipeError(
                 f"cannot load model {m.name_or_path!r}: {first}{_offline_hint()}; "
                 "set model.name_or_path=PATH to a local model folder"
@@ -223,7 +223,7 @@ def build_config(recipe: Recipe, task: Task, tokenizer: Any, extra: dict) -> Any
         try:
             config = AutoConfig.for_model(model_type, **cfg)
         except (ValueError, TypeError) as e:
-            raise RecipeError(f"model.config: {str(e).strip().splitlines()[0]}") from None
+            raise RecipeError(f"model.config: {first_line(e)}") from None
         # The vocabulary and special ids come from the tokenizer; positions must cover a block.
         config.vocab_size = len(tokenizer)
         for role in ("pad", "bos", "eos", "sep", "cls"):
@@ -280,7 +280,7 @@ def build_model(recipe: Recipe, task: Task, tokenizer: Any, extra: dict | None =
                 **quant,
             )
         except (OSError, ValueError) as e:
-            first = str(e).strip().splitlines()[0]
+            first = first_line(e)
             raise RecipeError(f"cannot load model {m.name_or_path!r}: {first}{_offline_hint()}") from None
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(tokenizer))
@@ -307,7 +307,7 @@ def _encoder_decoder(recipe: Recipe, tokenizer: Any, meta: bool) -> Any:
                 return EncoderDecoderModel(config=config)
         model = EncoderDecoderModel.from_encoder_decoder_pretrained(m.encoder, decoder)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0]
+        first = first_line(e)
         raise RecipeError(
             f"cannot load model.encoder/decoder ({m.encoder}, {decoder}): {first}{_offline_hint()}"
         ) from None
@@ -358,7 +358,7 @@ def apply_lora(model: Any, recipe: Recipe, out: Path | None) -> Any:
     try:
         return get_peft_model(model, recipe.lora)
     except (ValueError, TypeError) as e:
-        first = str(e).strip().splitlines()[0]
+        first = first_line(e)
         raise RecipeError(f"peft: {first}; name the layers to adapt with peft.target_modules=[...]") from None
 
 
@@ -382,7 +382,7 @@ def load_adapter_run(run: Path, auto: Any, tokenizer: Any) -> Any:
     try:
         model = auto.from_pretrained(base, config=config)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0]
+        first = first_line(e)
         raise RecipeError(
             f"cannot load the base model {base!r} of the adapter in {run}: {first}{_offline_hint()}"
         ) from None

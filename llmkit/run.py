@@ -120,9 +120,9 @@ def prepare_data(recipe: Recipe, task: Task, args: Any, only: str | None = None)
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    from llmkit.data import atomic_write
+
+    atomic_write(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def _add_perplexity(task: Task, metrics: dict, prefix: str = "eval") -> dict:

@@ -134,3 +134,11 @@ def test_hugging_face_sections_fail_early(write, override, message):
     with pytest.raises(RecipeError) as err:
         resolve(load_recipe(write("r.yaml", BASE), [override]))
     assert message in str(err.value)
+
+
+def test_first_line_of_any_exception():
+    from llmkit.errors import first_line
+
+    assert first_line(ValueError("bad thing\n  long details")) == "bad thing"
+    assert first_line(OSError()) == "OSError"  # an empty message never raises while reporting
+    assert first_line(RuntimeError("  "), default="") == ""
