@@ -483,10 +483,8 @@ def export(run_dir: Path, out_dir: Path, merge: bool = False, overwrite: bool = 
     is_adapter = (run_dir / "adapter_config.json").exists()
     if merge and not is_adapter:
         raise LlmkitError(f"{run_dir} holds a full model, not a LoRA adapter: nothing to merge; drop --merge")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        if not overwrite:
-            raise LlmkitError(f"{out_dir} exists and is not empty; pass --overwrite or choose another folder")
-        shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
+    if not overwrite and out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise LlmkitError(f"{out_dir} exists and is not empty; pass --overwrite or choose another folder")
     task = get_task(recipe.task)
     tokenizer = modeling.get_tokenizer(recipe, task, None)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
@@ -522,5 +520,9 @@ def export(run_dir: Path, out_dir: Path, merge: bool = False, overwrite: bool = 
         if (run_dir / modeling.BASE_DIR).is_dir():
             shutil.copytree(run_dir / modeling.BASE_DIR, tmp / modeling.BASE_DIR)
         kind = "adapter" if is_adapter else "model"
+    if out_dir.is_dir():  # --overwrite: the old export goes only once the new one is complete
+        shutil.rmtree(out_dir)
+    elif out_dir.exists():
+        out_dir.unlink()
     tmp.replace(out_dir)
     return kind
