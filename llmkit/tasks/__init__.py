@@ -66,20 +66,21 @@ def _registry() -> dict[str, Task]:
     return {t.name: t for t in (mlm.TASK, clm.TASK, classification.TASK, ner.TASK, summarization.TASK)}
 
 
-TASKS: dict[str, Task] = {}
+TASKS: dict[str, Task] = {}  # filled on first use: importing the task modules is not free
+
+
+def all_tasks() -> dict[str, Task]:
+    """Every registered task, by name."""
+    if not TASKS:
+        TASKS.update(_registry())
+    return dict(TASKS)
 
 
 def get_task(name: Any) -> Task:
     """Look a task up by name, with a suggestion for typos."""
-    if not TASKS:
-        TASKS.update(_registry())
-    if name not in TASKS:
+    tasks = all_tasks()
+    if name not in tasks:
         from llmkit.config import suggest
 
-        raise RecipeError(f"unknown task {name!r}{suggest(str(name), TASKS)}; tasks: {', '.join(TASKS)}")
-    return TASKS[name]
-
-
-def all_tasks() -> dict[str, Task]:
-    get_task(next(iter(_registry())))
-    return dict(TASKS)
+        raise RecipeError(f"unknown task {name!r}{suggest(str(name), tasks)}; tasks: {', '.join(tasks)}")
+    return tasks[name]
