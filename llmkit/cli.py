@@ -217,6 +217,35 @@ def finetune(
 
 
 @app.command(context_settings=_TRAIN_CTX)
+def check(
+    recipe: Path = RecipeArg,
+    overrides: list[str] = OverridesArg,
+    json_path: Path = typer.Option(
+        None, "--json", help="Save the report here (default: OUTPUT_DIR/preflight.json if the run folder exists)."
+    ),
+    debug: bool = DebugOpt,
+) -> None:
+    """Preflight the recipe's data: rows, empty rows, train/eval duplicates, labels, NER tags, truncation."""
+
+    def go() -> None:
+        r = _load(recipe, overrides)
+        _setup_logging()
+        from llmkit import preflight
+
+        task, raw, tokenizer = preflight.load_data(r)
+        report = preflight.build_report(r, task, raw, tokenizer)
+        typer.echo(preflight.format_report(report))
+        path = json_path or preflight.default_path(r)
+        if path is not None:
+            preflight.save_report(report, path)
+            typer.echo(f"Saved the report to {path}")
+        # Logs the warnings; under data.on_bad_rows=error a bad row is a DataError (exit 2).
+        preflight.enforce(r, task, raw, tokenizer, report)
+
+    guarded(debug, go)
+
+
+@app.command(context_settings=_TRAIN_CTX)
 def evaluate(
     target: Path = typer.Argument(..., help="A run folder (output_dir of a finished run) or a recipe file."),
     overrides: list[str] = OverridesArg,
