@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -45,16 +46,61 @@ for _ch in "-+0123456789.":
     ] + [("tag:yaml.org,2002:float", _FLOAT)]
 
 
+# More values and levels than any recipe has: a YAML "alias bomb" (anchors of anchors) expands past them.
+_MAX_VALUES, _MAX_DEPTH = 100_000, 64
+
+
 def parse_yaml(text: str, where: str = "<string>") -> Any:
     """Parse YAML text safely, with scientific-notation floats, raising RecipeError with line:column."""
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         pos = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        raise RecipeError(f"{where}{pos}: YAML syntax error: {e.problem or e.context}") from None
+        raise RecipeError(f"{where}{pos}: YAML syntax error: {first_line(e.problem or e.context or e)}") from None
     except yaml.YAMLError as e:
         raise RecipeError(f"{where}: YAML error: {first_line(e)}") from None
+    except RecursionError:
+        raise RecipeError(f"{where}: YAML nested too deeply; a recipe is a few levels of key: value") from None
+    except (ValueError, TypeError, OverflowError) as e:  # a tagged or implicit scalar that fails to build
+        raise RecipeError(f"{where}: YAML value error: {first_line(e)}; quote the value to keep it a string") from None
+    _count_values(data, where)
+    return data
+
+
+def _count_values(data: Any, where: str) -> int:
+    """The number of values `data` expands to, refusing self-referencing and exploding aliases.
+
+    Memoized by object identity, so shared (aliased) nodes are counted once per reference in linear time.
+    """
+    sizes: dict[int, int] = {}
+    open_ids: set[int] = set()
+
+    def size(node: Any, depth: int = 0) -> int:
+        if not isinstance(node, (dict, list)):
+            return 1
+        if depth > _MAX_DEPTH:
+            raise RecursionError
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_ids:
+            raise RecipeError(f"{where}: a YAML alias refers to itself (&anchor inside its own value); remove it")
+        open_ids.add(key)
+        children = [*node.keys(), *node.values()] if isinstance(node, dict) else node
+        total = 1 + sum(size(child, depth + 1) for child in children)
+        if total > _MAX_VALUES:
+            raise RecipeError(
+                f"{where}: YAML expands to over {_MAX_VALUES:,} values (aliases of aliases?); simplify it"
+            )
+        open_ids.discard(key)
+        sizes[key] = total
+        return total
+
+    try:
+        return size(data)
+    except RecursionError:
+        raise RecipeError(f"{where}: YAML nested too deeply; a recipe is a few levels of key: value") from None
 
 
 def dump_yaml(data: Any) -> str:
@@ -70,9 +116,14 @@ def _read_mapping(path: Path) -> dict:
         hint = " (it is a directory)" if path.is_dir() else ""
         raise RecipeError(f"recipe file not found: {path}{hint}; check the path or run `llmkit recipes`")
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise RecipeError(f"cannot read recipe {path}: {e}") from None
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a BOM some editors write is not YAML
+    except UnicodeDecodeError as e:
+        raise RecipeError(
+            f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+            "a recipe is a UTF-8 YAML file: re-save it as UTF-8"
+        ) from None
+    except OSError as e:
+        raise RecipeError(f"cannot read recipe {path}: {first_line(e)}") from None
     data = parse_yaml(text, str(path))
     if data is None:
         return {}
@@ -95,10 +146,22 @@ def deep_merge(base: dict, over: dict) -> dict:
 def load_raw(path: str | Path, _stack: tuple[Path, ...] = ()) -> dict:
     """Read a recipe file and everything it `extends:` (relative to the file), merged: extended < this file."""
     path = Path(path)
-    resolved = path.resolve()
+    try:
+        resolved = path.resolve()
+        path.is_file()  # a name too long for the file system fails here, not halfway through
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
+        where = f" (extends: in {_stack[-1]})" if _stack else ""
+        why = getattr(e, "strerror", None) or first_line(e)  # not str(e): an OSError repeats the (long) name
+        raise RecipeError(f"bad recipe path {_show(str(path), 200)}{where}: {why}; check the file name") from None
     if resolved in _stack:
-        chain = " -> ".join(p.name for p in (*_stack, resolved))
-        raise RecipeError(f"{path}: extends cycle: {chain}")
+        cycle = (*_stack[_stack.index(resolved) :], resolved)
+        chain = " -> ".join(p.name for p in cycle)
+        fix = (
+            f"a recipe cannot extend itself: remove `extends: {path.name}` from {path.name}"
+            if len(cycle) == 2
+            else "remove one of these extends: (a recipe cannot be its own ancestor)"
+        )
+        raise RecipeError(f"{path}: extends cycle: {chain}; {fix}")
     data = _read_mapping(path)
     parents = data.pop("extends", None)
     if parents is None:
@@ -223,6 +286,15 @@ def suggest(key: str, valid: typing.Iterable[str]) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
+def _show(value: Any, limit: int = 80) -> str:
+    """repr() of a value from the recipe, cut short: an error message stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
+
+
+_PLURAL = {str: "strings", int: "integers", float: "numbers", bool: "true/false values"}
+
+
 def _type_name(tp: Any) -> str:
     names = {
         str: "a string",
@@ -234,10 +306,24 @@ def _type_name(tp: Any) -> str:
     }
     if tp in names:
         return names[tp]
+    if tp in _NESTED:
+        return "a mapping (key: value)"
+    origin = typing.get_origin(tp)
+    if origin is dict:
+        return "a mapping"
+    if origin is list:
+        inner = typing.get_args(tp)
+        return f"a list of {_PLURAL[inner[0]]}" if inner and inner[0] in _PLURAL else "a list"
     args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if typing.get_origin(tp) is list:
-        return "a list"
     return " or ".join(_type_name(a) for a in args) if args else getattr(tp, "__name__", str(tp))
+
+
+def _check_value(value: Any, tp: Any, dotted: str) -> None:
+    """RecipeError unless `value` fits `tp`; NaN and infinity are never a setting."""
+    if not check_type(value, tp):
+        raise RecipeError(f"{dotted} must be {_type_name(tp)}, got {_show(value)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RecipeError(f"{dotted} must be a finite number, got {value}")
 
 
 def check_type(value: Any, tp: Any) -> bool:
@@ -270,21 +356,20 @@ def build_section(cls: type, raw: Any, path: str) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise RecipeError(f"{path} must be a mapping (key: value), got {raw!r}")
+        raise RecipeError(f"{path} must be a mapping (key: value), got {_show(raw)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.name not in _INTERNAL]
     kwargs = {}
     for key, value in raw.items():
         dotted = f"{path}.{key}" if path else str(key)
         if key not in names:
-            raise RecipeError(f"unknown key '{dotted}'{suggest(str(key), names)}")
+            raise RecipeError(f"unknown key {_show(dotted)}{suggest(str(key), names)}")
         tp = hints[key]
         nested = [a for a in (tp, *typing.get_args(tp)) if a in _NESTED]
         if nested and value is not None:
             kwargs[key] = build_section(nested[0], value, dotted)
             continue
-        if not check_type(value, tp):
-            raise RecipeError(f"{dotted} must be {_type_name(tp)}, got {value!r}")
+        _check_value(value, tp, dotted)
         if tp in (float, float | None) and isinstance(value, int):
             value = float(value)
         kwargs[key] = value
@@ -350,6 +435,12 @@ def _check_semantics(r: Recipe) -> None:
         raise RecipeError(f"tokenizer.train.vocab_size must be at least 100, got {tt.vocab_size}")
     if not isinstance(r.trainer, dict):
         raise RecipeError("trainer must be a mapping of TrainingArguments fields")
+    out = r.trainer.get("output_dir")
+    if not isinstance(out, str) or not out.strip():  # '' would be the current folder, None a TypeError later
+        raise RecipeError(f"trainer.output_dir must name a folder, e.g. runs/my-run; got {_show(out)}")
+    for role, column in d.columns.items():
+        if not isinstance(column, str):
+            raise RecipeError(f"data.columns.{role} must be a column name (a string), got {_show(column)}")
 
 
 BUILTIN_SOURCES = ("pydoc",)
@@ -379,7 +470,30 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     raw.setdefault("trainer", {})
     if isinstance(raw["trainer"], dict) and "output_dir" not in raw["trainer"]:
         raw["trainer"]["output_dir"] = f"runs/{Path(path).stem}"
-    return validate(raw, str(path))
+    recipe = validate(raw, str(path))
+    _check_output_dir(recipe)
+    return recipe
+
+
+def _check_output_dir(recipe: Recipe) -> None:
+    """A run may wipe its output_dir (--overwrite): it must not hold the working folder or the data."""
+    try:
+        out = Path(recipe.trainer["output_dir"]).expanduser().resolve()
+        inside = [("the current folder", Path.cwd())]
+        inside += [(f"data.{s}", Path(p).resolve()) for s in ("train", "validation", "test") for p in _files(recipe, s)]
+    except (OSError, ValueError, RuntimeError) as e:  # a NUL byte, a name too long, a symlink loop
+        raise RecipeError(f"trainer.output_dir or a data path is not a usable path: {first_line(e)}") from None
+    for what, path in inside:
+        if path == out or out in path.parents:
+            raise RecipeError(
+                f"trainer.output_dir {recipe.trainer['output_dir']} contains {what} ({path}), which --overwrite "
+                "would delete; choose a folder of its own, e.g. trainer.output_dir=runs/my-run"
+            )
+
+
+def _files(recipe: Recipe, split: str) -> list[str]:
+    value = getattr(recipe.data, split)
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
 
 
 # --------------------------------------------------------------------------- Hugging Face sections
@@ -417,22 +531,41 @@ def check_hf_kwargs(cls: type, kwargs: dict, path: str) -> None:
     except Exception:  # noqa: BLE001 - forward refs we cannot evaluate: skip type checks
         hints = {}
     basic = (str, int, float, bool, type(None))
+
+    def checkable(m: Any) -> bool:  # types check_type knows; enums, tuples and classes are left to the constructor
+        origin = typing.get_origin(m)
+        if origin is list:
+            return all(a in basic for a in typing.get_args(m))
+        return m in basic or m in (dict, list) or origin is dict
+
     for key, value in kwargs.items():
         if key not in fields:
-            raise RecipeError(f"unknown key '{path}.{key}'{suggest(str(key), fields)} (not a {cls.__name__} field)")
+            shown = _show(f"{path}.{key}")
+            raise RecipeError(f"unknown key {shown}{suggest(str(key), fields)} (not a {cls.__name__} field)")
         tp = hints.get(key)
         members = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
-        if tp is not None and all(m in basic for m in members) and not check_type(value, tp):
-            raise RecipeError(f"{path}.{key} must be {_type_name(tp)}, got {value!r}")
+        if tp is not None and all(checkable(m) for m in members):
+            _check_value(value, tp, f"{path}.{key}")
+
+
+def _hf_error(path: str, e: Exception) -> RecipeError:
+    """One line for a Hugging Face constructor that rejected the recipe's section at `path`."""
+    if isinstance(e, OSError) and e.filename is not None:  # e.g. trainer.deepspeed / accelerator_config: a file
+        return RecipeError(
+            f"{path}: cannot read {e.filename!r} ({e.strerror or first_line(e)}); "
+            "a string there names a config file: fix the path, or write the settings as a mapping"
+        )
+    if isinstance(e, (ValueError, TypeError, ImportError)):
+        return RecipeError(f"{path}: {first_line(e)}")
+    return RecipeError(f"{path}: a value has the wrong shape ({type(e).__name__}: {first_line(e)}); check {path}")
 
 
 def _construct(cls: type, kwargs: dict, path: str) -> Any:
     check_hf_kwargs(cls, kwargs, path)
     try:
         return cls(**kwargs)
-    except (ValueError, TypeError, ImportError) as e:
-        first = first_line(e)
-        raise RecipeError(f"{path}: {first}") from None
+    except Exception as e:  # noqa: BLE001 - the constructor validates user values and fails in many types
+        raise _hf_error(path, e) from None
 
 
 def _check_quantization(settings: dict) -> None:
@@ -495,14 +628,14 @@ def resolve(recipe: Recipe) -> Recipe:
         from transformers import GenerationConfig
 
         gen = GenerationConfig()
-        unknown = [k for k in recipe.generation if not hasattr(gen, k)]
+        unknown = [k for k in recipe.generation if not isinstance(k, str) or not hasattr(gen, k)]
         if unknown:
-            raise RecipeError(f"unknown key 'generation.{unknown[0]}'{suggest(unknown[0], vars(gen))}")
+            raise RecipeError(f"unknown key 'generation.{unknown[0]}'{suggest(str(unknown[0]), vars(gen))}")
         try:
             recipe.generation_config = GenerationConfig(**recipe.generation)
             recipe.generation_config.validate(strict=True)
-        except ValueError as e:
-            raise RecipeError(f"generation: {first_line(e)}") from None
+        except Exception as e:  # noqa: BLE001 - as in _construct
+            raise _hf_error("generation", e) from None
     if recipe.metrics:
         from llmkit.metrics import extra_metrics
 

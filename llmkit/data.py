@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -153,36 +154,212 @@ def _local_files(recipe: Recipe) -> dict[str, list[str]]:
     return files
 
 
-def _format_of(files: dict[str, list[str]]) -> str:
-    exts = {Path(p).suffix.lower() for paths in files.values() for p in paths}
+def _format_of(split: str, paths: list[str]) -> str:
+    exts = {Path(p).suffix.lower() for p in paths}
     unknown = [e for e in exts if e not in _FORMATS]
     if unknown:
         raise DataError(
-            f"unknown data file extension {unknown[0] or '(none)'}: use one of {', '.join(sorted(_FORMATS))}"
+            f"unknown data file extension {unknown[0] or '(none)'} (data.{split}): "
+            f"use one of {', '.join(sorted(_FORMATS))}"
         )
     formats = {_FORMATS[e] for e in exts}
     if len(formats) > 1:
-        raise DataError(f"data files mix formats ({', '.join(sorted(formats))}); use one format for all splits")
+        raise DataError(f"data.{split} mixes formats ({', '.join(sorted(formats))}); use one format per split")
     return formats.pop()
 
 
+_HEAD = 65536  # bytes of each file checked before loading (the loader checks the rest)
+
+
+def _not_utf8(where: str, e: UnicodeDecodeError, offset: int | None = None) -> DataError:
+    at = f" at offset {offset:,}" if offset is not None else ""
+    return DataError(
+        f"{where} is not UTF-8 text (byte 0x{e.object[e.start]:02x}{at}); re-save it as UTF-8, "
+        "e.g. iconv -f latin1 -t utf-8 OLD > NEW"
+    )
+
+
+def _check_file(path: str, split: str, fmt: str) -> None:
+    """Fail fast, naming the file and the fix, when a file is not what its extension says:
+    binary, UTF-16, or text in another encoding than UTF-8. CSV files are checked for ragged rows."""
+    import codecs
+
+    where = f"{path} (data.{split})"
+    with open(path, "rb") as f:
+        head = f.read(_HEAD)
+    if fmt == "parquet":
+        if not head.startswith(b"PAR1"):
+            raise DataError(f"{where} is not a Parquet file (no PAR1 header); re-export it as Parquet or use .jsonl")
+        return
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # also the start of UTF-32's BOMs
+        raise DataError(f"{where} is UTF-16 or UTF-32 text; re-save it as UTF-8")
+    if b"\x00" in head:
+        kind = {"text": "plain", "json": "JSON", "csv": "CSV", "conll": "CoNLL"}.get(fmt, fmt)
+        raise DataError(f"{where} looks binary (it has NUL bytes), not {kind} text; point data.{split} at a UTF-8 file")
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < _HEAD)
+    except UnicodeDecodeError as e:
+        raise _not_utf8(where, e, e.start) from None
+    if fmt == "csv":
+        _check_csv_rows(path, where, "\t" if path.lower().endswith(".tsv") else ",")
+    if fmt == "json" and not head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+        _check_json_null_lines(path, where)
+
+
+# A JSON Lines row that is a bare `null`: pyarrow 26's JSON reader crashes the process (SIGSEGV) when
+# one starts a parse block, so such a line is reported before the loader sees it. (The pattern starts
+# with a literal newline so that re scans fast: ~400 MB/s.)
+_NULL_LINE = re.compile(rb"\n[ \t\r]*null[ \t\r]*(?=\n)")
+
+
+def _check_json_null_lines(path: str, where: str) -> None:
+    lines_before, tail, first = 0, b"", True
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(1 << 24)
+            block = tail + chunk
+            if chunk:  # whole lines only; the rest waits for the next chunk
+                cut = block.rfind(b"\n") + 1
+                block, tail = block[:cut], block[cut:]
+            if first and block.startswith(b"\xef\xbb\xbf"):
+                block = block[3:]
+            first = first and not block
+            buf = b"\n" + block + (b"" if block.endswith(b"\n") else b"\n")
+            found = _NULL_LINE.search(buf) if b"null" in block else None
+            if found:
+                line = lines_before + buf.count(b"\n", 0, found.start() + 1)
+                raise DataError(
+                    f"{where}, line {line}: a bare null where a JSON object is expected; remove the line "
+                    "(JSON Lines has one object per line)"
+                )
+            if not chunk:
+                return
+            lines_before += block.count(b"\n")
+
+
+def _check_csv_rows(path: str, where: str, delimiter: str) -> None:
+    """Every row has the header's number of fields (pandas would drop a short row's cells silently)."""
+    import csv
+    import sys
+
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # a long document in one cell is fine
+    reader = None
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f, delimiter=delimiter)
+            header = next((row for row in reader if row), None)
+            for row in reader:
+                if row and header is not None and len(row) != len(header):
+                    fields = f"{len(row)} field{'s' if len(row) != 1 else ''}"
+                    fix = (
+                        'a quote (") is never closed; close it'
+                        if any("\n" in cell for cell in row)
+                        else f"fix the row (quote a field that contains {delimiter!r})"
+                    )
+                    raise DataError(
+                        f"{where}, line {reader.line_num}: {fields} where the header has {len(header)}; {fix}"
+                    )
+    except UnicodeDecodeError as e:
+        raise _not_utf8(where, e) from None
+    except csv.Error as e:
+        line = f", line {reader.line_num}" if reader is not None else ""
+        raise DataError(f"{where}{line}: malformed CSV ({first_line(e)}); fix the quoting") from None
+
+
+_READ_FIXES = {
+    "json": 'use JSON Lines (one object per line, e.g. {"text": "...", "label": "..."}) or one JSON array of objects',
+    "csv": "fix the row (quote a field that contains the delimiter) or re-save it as CSV UTF-8",
+    "text": "use UTF-8 text, one example per line",
+    "parquet": "re-export it as Parquet, or use .jsonl/.csv",
+}
+
+
+def _read_error(fmt: str, paths: list[str], split: str, e: BaseException) -> DataError:
+    """One line for a file the loader could not read: the deepest cause, the file and the fix."""
+    where = f"{', '.join(paths)} (data.{split})"
+    chain: list[BaseException] = []
+    cur: BaseException | None = e
+    while cur is not None and cur not in chain:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    for x in chain:
+        if isinstance(x, UnicodeDecodeError):
+            return _not_utf8(where, x)
+    if any("corresponds to no data" in str(x) for x in chain):
+        return DataError(f"{where} has no rows; add rows (under the header, for CSV)")
+    if fmt == "json":
+        for path in paths:
+            located = _locate_json_error(path, split)
+            if located is not None:
+                return located
+    msg = next((first_line(x) for x in reversed(chain) if str(x).strip()), type(e).__name__)
+    return DataError(f"cannot read {where} as {fmt}: {msg}; {_READ_FIXES.get(fmt, 'check the file')}")
+
+
+def _locate_json_error(path: str, split: str) -> DataError | None:
+    """The first line of a JSON (Lines) file that is not a JSON object, as a DataError (error path only)."""
+    import json
+
+    where = f"{path} (data.{split})"
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError):
+        return None
+    if text.lstrip().startswith(("[", "{")) and not path.lower().endswith(".jsonl"):
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as e:
+            return DataError(f"{where}, line {e.lineno}: invalid JSON ({e.msg}); fix it, or write JSON Lines")
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            return DataError(f"{where}, line {lineno}: invalid JSON ({e.msg}); JSON Lines has one object per line")
+        if not isinstance(row, dict):
+            return DataError(
+                f"{where}, line {lineno}: a JSON {type(row).__name__}, not an object; "
+                'JSON Lines has one object per line, e.g. {"text": "...", "label": "..."}'
+            )
+    return None
+
+
+class _NoReadErrorLog:
+    """Drops datasets' "Failed to read/load ..." log lines: the DataError raised instead says it in one line."""
+
+    @staticmethod
+    def filter(record: Any) -> bool:
+        return not str(record.msg).startswith(("Failed to read file", "Failed to load JSON", "Failed to convert"))
+
+
 def _load_files(files: dict[str, list[str]]) -> DatasetDict:
+    import logging
+
     from datasets import DatasetDict, load_dataset
 
-    fmt = _format_of(files)
-    if fmt == "conll":
-        fmt, files = "json", {split: [conll_as_jsonl(p) for p in paths] for split, paths in files.items()}
-    kwargs = {"delimiter": "\t"} if all(p.endswith(".tsv") for ps in files.values() for p in ps) else {}
+    for name in ("csv.csv", "json.json", "text.text", "parquet.parquet"):
+        log = logging.getLogger(f"datasets.packaged_modules.{name}")
+        if not any(isinstance(f, _NoReadErrorLog) for f in log.filters):
+            log.addFilter(_NoReadErrorLog())
     out = {}
-    for split, paths in files.items():  # one split at a time: splits may differ in columns
+    for split, paths in files.items():  # one split at a time: splits may differ in columns and formats
+        fmt = _format_of(split, paths)
+        for p in paths:
+            _check_file(p, split, fmt)
+        if fmt == "conll":
+            fmt, paths = "json", [conll_as_jsonl(p) for p in paths]
+        kwargs: dict[str, Any] = {}
+        if fmt in ("text", "json", "csv"):
+            # utf-8-sig: a BOM (Excel's "CSV UTF-8") is not part of the first column's name; for JSON it also
+            # makes the loader decode strictly, so bytes that are not UTF-8 fail here and not in tokenization.
+            kwargs["encoding"] = "utf-8-sig"
+        if fmt == "csv" and all(p.lower().endswith(".tsv") for p in paths):
+            kwargs["delimiter"] = "\t"
         try:
             out[split] = load_dataset(fmt, data_files={split: paths}, split=split, **kwargs)
         except Exception as e:  # noqa: BLE001 - pyarrow/pandas parse errors come in many types
-            msg = first_line(e)
-            cause = e.__cause__ or e.__context__
-            if cause is not None and str(cause).strip():
-                msg = f"{msg}: {first_line(cause)}"
-            raise DataError(f"cannot read {fmt} data {', '.join(paths)} (data.{split}): {msg}") from None
+            raise _read_error(fmt, paths, split, e) from None
     return DatasetDict(out)
 
 
@@ -246,6 +423,20 @@ def load_splits(recipe: Recipe, seed: int = 42) -> DatasetDict:
     if "validation" not in ds and d.validation_split > 0 and len(ds["train"]) >= 2:
         parts = ds["train"].train_test_split(test_size=d.validation_split, seed=seed)
         ds["train"], ds["validation"] = parts["train"], parts["test"]
+    evaluates = str(recipe.trainer.get("eval_strategy", "no")).lower() not in ("no", "intervalstrategy.no")
+    if "validation" not in ds and evaluates:
+        # The Trainer would stop on this only after the model is built, with a ValueError (exit 1).
+        n = len(ds["train"])
+        why = (
+            "data.validation_split=0 carves none"
+            if d.validation_split == 0
+            else f"{n} row is too few to carve one (data.validation_split={d.validation_split})"
+        )
+        raise DataError(
+            f"trainer.eval_strategy={recipe.trainer['eval_strategy']} needs a validation split, and the "
+            f"{split_origin(recipe, 'train')} has none: {why}; give data.validation=FILE, add rows, "
+            "or set trainer.eval_strategy=no"
+        )
     caps = {"train": d.max_train_samples, "validation": d.max_eval_samples, "test": d.max_eval_samples}
     for split, cap in caps.items():
         if cap is not None and split in ds and len(ds[split]) > cap:
@@ -268,6 +459,8 @@ def split_origin(recipe: Recipe, split: str) -> str:
     files = _as_list(getattr(recipe.data, split, None))
     if files:
         return f"{split} split ({', '.join(files)})"
+    if split == "validation" and recipe.data.train is not None and recipe.data.validation_split > 0:
+        return f"validation split (carved from data.train {', '.join(_as_list(recipe.data.train))})"
     if recipe.data.load:
         return f"{split} split of {recipe.data.load.get('path')}"
     return f"{split} split"

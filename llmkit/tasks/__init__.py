@@ -79,7 +79,7 @@ def all_tasks() -> dict[str, Task]:
 def get_task(name: Any) -> Task:
     """Look a task up by name, with a suggestion for typos."""
     tasks = all_tasks()
-    if name not in tasks:
+    if not isinstance(name, str) or name not in tasks:  # a list or mapping from YAML is not a name either
         from llmkit.config import suggest
 
         raise RecipeError(f"unknown task {name!r}{suggest(str(name), tasks)}; tasks: {', '.join(tasks)}")

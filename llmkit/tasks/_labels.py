@@ -27,14 +27,18 @@ def resolve_labels(
     """
     given = recipe.options.labels or classlabel_names
     seen: dict[str, list] = {split: list(pairs) for split, pairs in values.items()}  # (row, label)
+    _check_label_types(recipe, seen)
     kinds = {type(v) for pairs in seen.values() for _, v in pairs}
-    if bool in kinds or (len(kinds) > 1 and kinds != {int}):
-        raise DataError(
-            f"labels of mixed types ({', '.join(sorted(k.__name__ for k in kinds))}) in the data; "
-            "use all strings or all integers"
-        )
     if kinds == {int} and not given:
-        top = max(v for pairs in seen.values() for _, v in pairs)
+        ids = {v for pairs in seen.values() for _, v in pairs}
+        top = max(ids)
+        if top >= 100 and top + 1 > 2 * len(ids):  # e.g. a label 100000000: not a class id
+            split, row = next((s, r) for s, pairs in seen.items() for r, v in pairs if v == top)
+            raise DataError(
+                f"{split_origin(recipe, split)}, row {row}: label {top} would make {top + 1:,} classes, but only "
+                f"{len(ids)} distinct labels appear; integer labels are class ids 0..N-1: renumber them, "
+                "or write the labels as strings"
+            )
         given = [str(i) for i in range(top + 1)]
     if given:
         names = [str(x) for x in given]
@@ -57,6 +61,45 @@ def resolve_labels(
                     fix = "unlabelled rows (e.g. a hidden test set) cannot be evaluated; drop the split"
                 raise DataError(f"{split_origin(recipe, split)}, row {row}: label {v!r} is not in {source}; {fix}")
     return names
+
+
+def _kind(v: Any) -> str:
+    if v is None:
+        return "missing"
+    if isinstance(v, bool):
+        return "true/false"
+    return {int: "an integer", str: "a string", float: "a number with a decimal point"}.get(type(v), "other")
+
+
+def _check_label_types(recipe: Any, seen: dict[str, list]) -> None:
+    """Labels are all strings or all integers (class ids): say which row breaks that, where, and the fix."""
+    first: tuple[str, int, Any] | None = None
+    for split, pairs in seen.items():
+        for row, v in pairs:
+            where = f"{split_origin(recipe, split)}, row {row}"
+            kind = _kind(v)
+            if kind == "missing":
+                raise DataError(
+                    f"{where}: no label (an empty cell, a short CSV row or a null); label the row or remove it"
+                )
+            if kind in ("true/false", "a number with a decimal point", "other"):
+                what = "a list" if isinstance(v, list) else "a mapping" if isinstance(v, dict) else kind
+                hint = (
+                    "; several labels per row need options.problem_type=multi_label_classification"
+                    if isinstance(v, list)
+                    and getattr(recipe.options, "problem_type", "") == "single_label_classification"
+                    else ""
+                )
+                raise DataError(
+                    f"{where}: label {v!r:.60} is {what}; labels must be strings or integer class ids{hint}"
+                )
+            if first is None:
+                first = (where, v, kind)
+            elif kind != first[2]:
+                raise DataError(
+                    f"{where}: label {v!r:.60} is {kind} but {first[0]} has {first[2]} ({first[1]!r:.60}); "
+                    "use one type for all labels: all strings or all integers"
+                )
 
 
 def label_config(names: list[str]) -> dict:

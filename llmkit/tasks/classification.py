@@ -62,8 +62,12 @@ def _preprocess(recipe: Any, ds: Any, tokenizer: Any) -> Any:
     def to_id(v: Any) -> int:
         return v if isinstance(v, int) else index[str(v)]
 
+    def strings(values: list) -> list[str]:  # bad rows kept under on_bad_rows=warn may hold None or numbers
+        return [v if isinstance(v, str) else "" for v in values]
+
     def encode(batch: dict[str, list]) -> dict[str, list]:
-        enc = tokenizer(batch[text], batch[pair] if pair else None, truncation=True, max_length=recipe.data.max_length)
+        second = strings(batch[pair]) if pair else None
+        enc = tokenizer(strings(batch[text]), second, truncation=True, max_length=recipe.data.max_length)
         if label in batch:
             if _multi(recipe):
                 enc["labels"] = [[1.0 if i in {to_id(v) for v in vs} else 0.0 for i in range(n)] for vs in batch[label]]
@@ -72,7 +76,10 @@ def _preprocess(recipe: Any, ds: Any, tokenizer: Any) -> Any:
         return enc
 
     def bad(row: dict) -> str | None:
-        return None if isinstance(row[text], str) and row[text].strip() else "empty text"
+        for column in (text, pair) if pair else (text,):
+            if row[column] is not None and not isinstance(row[column], str):
+                return f"{column} is {row[column]!r:.40}, not a string"
+        return None if row[text] and row[text].strip() else "empty text"
 
     roles = {"text": text, **({"text_pair": pair} if pair else {})}
     return tokenize_splits(recipe, ds, encode, columns=roles, bad=bad)

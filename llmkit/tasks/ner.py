@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from llmkit.data import require_columns, tokenize_splits
+from llmkit.data import require_columns, split_origin, tokenize_splits
 from llmkit.errors import DataError
 from llmkit.tasks import Task
 from llmkit.tasks._labels import feature_names, label_config, resolve_labels
@@ -33,7 +33,14 @@ def _labels(recipe: Any, ds: Any) -> list[str]:
     values = {}
     for split, data in ds.items():
         require_columns(data, {"tokens": tokens, "tags": tags}, split)
-        values[split] = [(i, t) for i, row in enumerate(data[tags]) for t in (row or [])]
+        column = data[tags]
+        odd = next((i for i, row in enumerate(column) if row is not None and not isinstance(row, list)), None)
+        if odd is not None:
+            raise DataError(
+                f"{split_origin(recipe, split)}, row {odd}: tags must be a list (one per word), got {column[odd]!r:.40}; "
+                'write JSON Lines like {"tokens": ["EU", "rejects"], "ner_tags": ["B-ORG", "O"]} or a .conll file'
+            )
+        values[split] = [(i, t) for i, row in enumerate(column) for t in (row or [])]
     names = feature_names(ds["train"].features[tags])
     has_ids = any(isinstance(v, int) for pairs in values.values() for _, v in pairs[:1])
     if names is None and has_ids and not recipe.options.labels:
@@ -73,6 +80,9 @@ def _preprocess(recipe: Any, ds: Any, tokenizer: Any) -> Any:
     b_to_i = _b_to_i(names)
 
     def bad(row: dict) -> str | None:
+        for role, column in (("tokens", tokens), ("tags", tags)):
+            if row[column] is not None and not isinstance(row[column], list):
+                return f"{role} must be a list (one per word), got {row[column]!r:.40}"
         if not row[tokens]:
             return "no tokens"
         if row[tags] is not None and len(row[tokens]) != len(row[tags]):
