@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from llmkit import __version__
+from llmkit.checkpoints import last_checkpoint, save_failed, trainer_with_atomic_checkpoints
 from llmkit.config import Recipe, dump_yaml, resolve
 from llmkit.errors import Interrupted, LlmkitError, RecipeError
 from llmkit.tasks import Task, get_task
@@ -29,16 +30,6 @@ def resolved_dict(recipe: Recipe) -> dict:
     raw = dict(recipe.raw)
     raw["trainer"] = dict(recipe.trainer)
     return raw
-
-
-def last_checkpoint(out: Path) -> Path | None:
-    """The newest complete checkpoint folder (one with trainer_state.json) in `out`."""
-    ckpts = []
-    for p in out.glob("checkpoint-*"):
-        suffix = p.name.split("-", 1)[1]
-        if p.is_dir() and suffix.isdigit() and (p / "trainer_state.json").exists():
-            ckpts.append((int(suffix), p))
-    return max(ckpts)[1] if ckpts else None
 
 
 def plan_output_dir(recipe: Recipe, overwrite: bool, resume: bool) -> tuple[Path | None, bool]:
@@ -172,7 +163,7 @@ def head_kwargs(task: Task, recipe: Recipe) -> dict:
 def trainer_class(task: Task) -> type:
     import transformers
 
-    return transformers.Seq2SeqTrainer if task.seq2seq else transformers.Trainer
+    return trainer_with_atomic_checkpoints(transformers.Seq2SeqTrainer if task.seq2seq else transformers.Trainer)
 
 
 # --------------------------------------------------------------------------- train
@@ -243,12 +234,17 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, dry_
 
     stopper = StopOnSignal(args.world_size)
     trainer.add_callback(stopper)
+    if ckpt is not None:
+        args.eval_on_start = False  # the original run evaluated its start already; its log has that point
     with stopper:
         result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     if stopper.stopped:
         saved = last_checkpoint(out)
         raise Interrupted(f"stopped at step {trainer.state.global_step}; checkpoint saved in {saved}")
-    trainer.save_model()
+    try:
+        trainer.save_model()
+    except OSError as err:
+        raise save_failed("the final model", out, err) from err
     train_metrics = dict(result.metrics)
     eval_metrics = {}
     if "validation" in tokenized:

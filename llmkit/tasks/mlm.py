@@ -20,20 +20,81 @@ def _validate(recipe: Any) -> None:
         raise RecipeError(f"options.mlm_probability must be in (0, 1), got {recipe.options.mlm_probability}")
 
 
+def _need_mask_token(tokenizer: Any) -> None:
+    if tokenizer.mask_token is None:
+        raise RecipeError("the tokenizer has no mask token, which masked LM needs; use a BERT/RoBERTa tokenizer")
+
+
+def _collator(recipe: Any, tokenizer: Any, model: Any) -> Any:
+    """A DataCollatorForLanguageModeling whose masks depend on the batch, not on a random stream.
+
+    Each training batch is masked with a generator seeded by the seed and the batch's tokens, so
+    masks never depend on how many batches were collated before: a resumed run (which collates
+    from the resume step on, while the dataloader prefetches ahead) masks exactly as an
+    uninterrupted one, with any number of processes or dataloader workers. Shuffling gives a
+    block new neighbours, so new masks, every epoch. Rows that already carry labels (the
+    evaluation splits, masked once at preprocessing) are only stacked: every evaluation sees
+    the same masks, so perplexities compare across steps and runs.
+    """
+    import hashlib
+    import os
+
+    import numpy as np
+    import torch
+    from transformers import DataCollatorForLanguageModeling
+
+    _need_mask_token(tokenizer)
+    seed = recipe.args.seed
+
+    class MaskingCollator(DataCollatorForLanguageModeling):
+        def torch_call(self, examples: list[dict]) -> dict:
+            if "labels" in examples[0]:
+                return {k: torch.tensor([e[k] for e in examples]) for k in ("input_ids", "labels")}
+            digest = hashlib.blake2b(digest_size=8)
+            for e in examples:
+                digest.update(np.asarray(e["input_ids"], dtype=np.int64).tobytes())
+            key = int.from_bytes(digest.digest(), "little") >> 1
+            self.generator = torch.Generator().manual_seed(key ^ seed)
+            self._generator_pid = os.getpid()
+            return super().torch_call(examples)
+
+    return MaskingCollator(tokenizer, mlm=True, mlm_probability=recipe.options.mlm_probability)
+
+
 def _preprocess(recipe: Any, ds: Any, tokenizer: Any) -> Any:
     def encode(texts: list[str]) -> dict[str, list]:
         enc = tokenizer(texts, return_special_tokens_mask=True, return_attention_mask=False, verbose=False)
         return {"input_ids": enc["input_ids"], "special_tokens_mask": enc["special_tokens_mask"]}
 
-    return pack(recipe, ds, TASK.column(recipe, "text"), encode)
+    packed = pack(recipe, ds, TASK.column(recipe, "text"), encode)
 
-
-def _collator(recipe: Any, tokenizer: Any, model: Any) -> Any:
     from transformers import DataCollatorForLanguageModeling
 
-    if tokenizer.mask_token is None:
-        raise RecipeError("the tokenizer has no mask token, which masked LM needs; use a BERT/RoBERTa tokenizer")
-    return DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=recipe.options.mlm_probability)
+    _need_mask_token(tokenizer)
+    seed = recipe.args.seed if recipe.args is not None else 42
+    masker = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=recipe.options.mlm_probability)
+
+    def mask_once(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        import torch
+
+        # Seeded by position, not by call order: the same masks with any num_proc and on every run.
+        masker.generator = torch.Generator().manual_seed(seed * 1_000_003 + indices[0])
+        masker._generator_pid = __import__("os").getpid()
+        ids, labels = masker.torch_mask_tokens(
+            torch.tensor(batch["input_ids"]), special_tokens_mask=torch.tensor(batch["special_tokens_mask"])
+        )
+        return {"input_ids": ids.tolist(), "labels": labels.tolist()}
+
+    for split in packed:
+        if split != "train":
+            packed[split] = packed[split].map(
+                mask_once,
+                batched=True,
+                with_indices=True,
+                remove_columns=["special_tokens_mask"],
+                desc=f"Masking {split} once (the same masks at every evaluation)",
+            )
+    return packed
 
 
 TASK = Task(

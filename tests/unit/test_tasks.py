@@ -285,3 +285,47 @@ def test_summarization_collator_never_targets_the_decoder_start_token(tokenizer)
     batch = collate([{"input_ids": [5, 6], "labels": target}, {"input_ids": [7], "labels": [9, 10]}])
     assert batch["labels"][0].tolist() == target[1:]
     assert batch["labels"][1].tolist()[:2] == [9, 10]
+
+
+# ------------------------------------------------------------------ mlm
+
+
+def _mlm_recipe(seed=42):
+    from llmkit.config import resolve
+
+    raw = {
+        "task": "mlm",
+        "model": {"config": {"model_type": "bert"}},
+        "data": {"train": "unused", "max_length": 16},
+        "trainer": {"output_dir": "runs/t", "seed": seed, "report_to": "none"},
+    }
+    return resolve(validate(raw))
+
+
+def test_mlm_masks_depend_on_the_batch_not_on_call_order(tokenizer):
+    collate = get_task("mlm").collator(_mlm_recipe(), tokenizer, None)
+    rows = [{"input_ids": list(range(5, 45))}, {"input_ids": list(range(6, 46))}]
+    other = [rows[1], {"input_ids": list(range(7, 47))}]
+    first = collate(rows)
+    collate(other)  # a prefetched batch in between must not change the next masks
+    again = collate(rows)
+    assert (first["labels"] != IGNORE).any()
+    assert first["labels"].tolist() == again["labels"].tolist()
+    assert first["input_ids"].tolist() == again["input_ids"].tolist()
+    assert collate(other)["labels"][0].tolist() != first["labels"][1].tolist()  # new neighbours, new masks
+    reseeded = get_task("mlm").collator(_mlm_recipe(seed=7), tokenizer, None)(rows)
+    assert reseeded["labels"].tolist() != first["labels"].tolist()
+
+
+def test_mlm_evaluation_rows_are_masked_once(tokenizer):
+    recipe = _mlm_recipe()
+    text = ["Peter lives in Berlin and Maria flew to Lagos"] * 8
+    ds = DatasetDict({"train": Dataset.from_dict({"text": text}), "validation": Dataset.from_dict({"text": text})})
+    out = get_task("mlm").preprocess(recipe, ds, tokenizer)
+    assert "labels" not in out["train"].column_names
+    val = out["validation"]
+    assert set(val.column_names) == {"input_ids", "labels"}
+    masked = [(i, lab) for row in val for i, lab in zip(row["input_ids"], row["labels"]) if lab != IGNORE]
+    assert masked and any(i == tokenizer.mask_token_id for i, _ in masked)
+    batch = get_task("mlm").collator(recipe, tokenizer, None)(list(val))
+    assert batch["labels"].tolist() == val["labels"] and batch["input_ids"].tolist() == val["input_ids"]

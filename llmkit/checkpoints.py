@@ -1,0 +1,114 @@
+"""Atomic checkpoints: a checkpoint folder is either complete or absent, never half-written.
+
+The Trainer writes `checkpoint-N` file by file (weights, optimizer, scheduler, RNG states, and
+trainer_state.json last). A kill or a full disk in the middle used to leave a folder that looked
+like a checkpoint. Here every checkpoint is written into `output_dir/.partial/checkpoint-N` and
+renamed into place once every rank has finished writing; only then are old checkpoints rotated
+out (`save_total_limit`), so the last good checkpoint is never deleted before the new one is
+complete. A leftover `.partial` (from a killed save) is ignored by resume and cleared by the next
+save.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from llmkit.errors import LlmkitError
+
+log = logging.getLogger("llmkit")
+
+STAGING = ".partial"
+PREFIX = "checkpoint-"
+
+
+def last_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint folder (`checkpoint-N` holding trainer_state.json) in `out`."""
+    ckpts = []
+    for p in out.glob(PREFIX + "*"):
+        suffix = p.name[len(PREFIX) :]
+        if p.is_dir() and suffix.isdigit() and (p / "trainer_state.json").exists():
+            ckpts.append((int(suffix), p))
+    return max(ckpts)[1] if ckpts else None
+
+
+def save_failed(what: str, where: Path, err: OSError) -> LlmkitError:
+    """One line for a save that failed on the file system (disk full, read-only, permissions)."""
+    if err.errno == errno.ENOSPC:
+        fix = f"free space on the disk holding {where} (or set trainer.save_total_limit lower), then resume with --resume"
+    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = f"make {where} writable or choose another trainer.output_dir"
+    else:
+        fix = "check the output folder, then resume with --resume"
+    return LlmkitError(f"could not save {what} in {where}: {err.strerror or err}; {fix}")
+
+
+def _sync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class AtomicCheckpoints:
+    """Trainer mixin: write each checkpoint into a staging folder, then rename it into place."""
+
+    _staging_dir: str | None = None
+
+    def _get_output_dir(self, trial: Any) -> str:
+        return self._staging_dir or super()._get_output_dir(trial)
+
+    def _wait(self) -> None:
+        if self.args.world_size > 1:
+            self.accelerator.wait_for_everyone()
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        from transformers.trainer_utils import rotate_checkpoints
+
+        run_dir = Path(super()._get_output_dir(trial))
+        name = f"{PREFIX}{self.state.global_step}"
+        staging = run_dir / STAGING
+        if self.args.should_save and staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)  # a save killed earlier: never resumed from
+        self._wait()
+        self._staging_dir = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)  # into .partial/checkpoint-N; rotates nothing there
+        except OSError as err:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise save_failed(f"checkpoint {name}", run_dir, err) from err
+        finally:
+            self._staging_dir = None
+        self._wait()  # every rank has written its RNG state
+        if self.args.should_save:
+            staged, final = staging / name, run_dir / name
+            if self.state.best_model_checkpoint == str(staged):
+                self.state.best_model_checkpoint = str(final)
+                self.state.save_to_json(str(staged / "trainer_state.json"))
+            if final.exists():  # the same step saved again: move the old copy aside, never lose both
+                os.replace(final, staging / f"{name}.old")
+            os.replace(staged, final)
+            shutil.rmtree(staging, ignore_errors=True)
+            _sync_dir(run_dir)
+            rotate_checkpoints(
+                output_dir=str(run_dir),
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=False,
+            )
+        self._wait()
+
+
+def trainer_with_atomic_checkpoints(base: type) -> type:
+    """`base` (Trainer or Seq2SeqTrainer) with atomic checkpoint saves."""
+    return type(base.__name__, (AtomicCheckpoints, base), {})
