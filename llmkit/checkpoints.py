@@ -39,7 +39,9 @@ def last_checkpoint(out: Path) -> Path | None:
 def save_failed(what: str, where: Path, err: OSError) -> LlmkitError:
     """One line for a save that failed on the file system (disk full, read-only, permissions)."""
     if err.errno == errno.ENOSPC:
-        fix = f"free space on the disk holding {where} (or set trainer.save_total_limit lower), then resume with --resume"
+        fix = (
+            f"free space on the disk holding {where} (or set trainer.save_total_limit lower), then resume with --resume"
+        )
     elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         fix = f"make {where} writable or choose another trainer.output_dir"
     else:

@@ -28,6 +28,13 @@ def classification_scores(predictions: Any, references: Any, multi_label: bool =
     return {k: float(v) for k, v in scores.items()}
 
 
+def confusion_counts(predictions: Any, references: Any, n_labels: int) -> list[list[int]]:
+    """Single-label confusion matrix as plain lists: row = true label id, column = predicted id."""
+    from sklearn.metrics import confusion_matrix
+
+    return confusion_matrix(references, predictions, labels=list(range(n_labels))).tolist()
+
+
 def seqeval_scores(predictions: list[list[str]], references: list[list[str]]) -> dict[str, float]:
     """Entity-level precision/recall/F1 (CoNLL style) overall and per type, plus token accuracy."""
     from seqeval.metrics import accuracy_score, classification_report, f1_score, precision_score, recall_score

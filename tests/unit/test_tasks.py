@@ -325,7 +325,7 @@ def test_mlm_evaluation_rows_are_masked_once(tokenizer):
     assert "labels" not in out["train"].column_names
     val = out["validation"]
     assert set(val.column_names) == {"input_ids", "labels"}
-    masked = [(i, lab) for row in val for i, lab in zip(row["input_ids"], row["labels"]) if lab != IGNORE]
+    masked = [(i, lab) for row in val for i, lab in zip(row["input_ids"], row["labels"], strict=True) if lab != IGNORE]
     assert masked and any(i == tokenizer.mask_token_id for i, _ in masked)
     batch = get_task("mlm").collator(recipe, tokenizer, None)(list(val))
     assert batch["labels"].tolist() == val["labels"] and batch["input_ids"].tolist() == val["input_ids"]
