@@ -49,6 +49,15 @@ def save_failed(what: str, where: Path, err: OSError) -> LlmkitError:
     return LlmkitError(f"could not save {what} in {where}: {err.strerror or err}; {fix}")
 
 
+def drop_pickled_args(folder: Path) -> None:
+    """Remove the Trainer's training_args.bin: a pickle, which only an unsafe torch.load could read.
+
+    Nothing reads it back (resume uses trainer_state.json; the run's settings are in recipe.yaml),
+    and a run folder that holds only safetensors, JSON and YAML can be shared without risk.
+    """
+    (Path(folder) / "training_args.bin").unlink(missing_ok=True)
+
+
 def _sync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -94,6 +103,7 @@ class AtomicCheckpoints:
         self._wait()  # every rank has written its RNG state
         if self.args.should_save:
             staged, final = staging / name, run_dir / name
+            drop_pickled_args(staged)
             if self.state.best_model_checkpoint == str(staged):
                 self.state.best_model_checkpoint = str(final)
                 self.state.save_to_json(str(staged / "trainer_state.json"))

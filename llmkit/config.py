@@ -618,6 +618,15 @@ def resolve(recipe: Recipe) -> Recipe:
     recipe.args = _construct(task.training_args_cls(), {**trainer, **runtime}, "trainer")
     if recipe.model.quantization is not None:
         _check_quantization(recipe.model.quantization)
+    if recipe.model.trust_remote_code:
+        import logging
+
+        m = recipe.model
+        logging.getLogger("llmkit").warning(
+            "model.trust_remote_code is on: Python code from %s will run on this machine; "
+            "keep it on only for a repository you trust (pin model.revision to the commit you reviewed)",
+            " and ".join(repr(x) for x in (m.name_or_path, m.encoder, m.decoder) if x) or "the model",
+        )
     if recipe.peft is not None:
         import peft
 

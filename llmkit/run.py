@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from llmkit import __version__
-from llmkit.checkpoints import last_checkpoint, save_failed, trainer_with_atomic_checkpoints
+from llmkit.checkpoints import drop_pickled_args, last_checkpoint, save_failed, trainer_with_atomic_checkpoints
 from llmkit.config import Recipe, dump_yaml, resolve
 from llmkit.errors import Interrupted, LlmkitError, RecipeError
 from llmkit.tasks import Task, get_task
@@ -43,6 +43,12 @@ def plan_output_dir(recipe: Recipe, overwrite: bool, resume: bool) -> tuple[Path
     out = recipe.output_dir
     if out.exists() and not out.is_dir():
         raise LlmkitError(f"trainer.output_dir {out} is a file; choose a folder: trainer.output_dir=runs/NAME")
+    writable = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not os.access(writable, os.W_OK | os.X_OK):  # say so now, not after tokenizing and at the first save
+        raise LlmkitError(
+            f"trainer.output_dir {out} is not writable ({writable} is read-only for this user); "
+            "make it writable or choose another trainer.output_dir"
+        )
     if not out.exists() or not any(out.iterdir()):
         if resume:
             raise LlmkitError(f"--resume: {out} holds no run to resume; drop --resume to start one")
@@ -61,7 +67,8 @@ def plan_output_dir(recipe: Recipe, overwrite: bool, resume: bool) -> tuple[Path
 
     def comparable(d: dict) -> dict:  # a run folder that was moved is still the same run
         d = json.loads(json.dumps(d, default=str))
-        d.get("trainer", {}).pop("output_dir", None)
+        for key in ("output_dir", "resume_from_checkpoint"):
+            d.get("trainer", {}).pop(key, None)
         return d
 
     same = comparable(parse_yaml(saved.read_text(encoding="utf-8"), str(saved)) or {}) == comparable(
@@ -82,17 +89,33 @@ def plan_output_dir(recipe: Recipe, overwrite: bool, resume: bool) -> tuple[Path
     return ckpt, False
 
 
+def chosen_checkpoint(path: Path) -> Path:
+    """trainer.resume_from_checkpoint: a complete checkpoint folder, or a run folder (its newest one)."""
+    if path.is_dir() and not (path / "trainer_state.json").exists():
+        path = last_checkpoint(path) or path
+    if not (path / "trainer_state.json").is_file():
+        raise LlmkitError(
+            f"trainer.resume_from_checkpoint={path} is not a complete checkpoint (no trainer_state.json); "
+            "name a checkpoint-N folder, or drop it and pass --resume for the newest one"
+        )
+    return path
+
+
 # --------------------------------------------------------------------------- pipeline pieces
 
 
-def prepare_data(recipe: Recipe, task: Task, args: Any, only: str | None = None) -> tuple[Any, Any, Any]:
+def prepare_data(
+    recipe: Recipe, task: Task, args: Any, only: str | None = None, report: dict | None = None
+) -> tuple[Any, Any, Any]:
     """Load splits, get the tokenizer, tokenize (all splits, or `only` one).
 
     The main process goes first; the other ranks then find its work in the datasets cache.
+    Given a `report` dict, the data preflight runs before tokenizing (its warnings logged,
+    data.on_bad_rows applied) and fills it in.
     """
     from datasets import DatasetDict
 
-    from llmkit import data, modeling
+    from llmkit import data, modeling, preflight
 
     with args.main_process_first(desc="loading and tokenizing data"):
         raw = data.load_splits(recipe, seed=args.seed)
@@ -105,6 +128,8 @@ def prepare_data(recipe: Recipe, task: Task, args: Any, only: str | None = None)
         if labels is not None:
             recipe.options.labels = labels
         tokenizer = modeling.get_tokenizer(recipe, task, raw["train"])
+        if report is not None:
+            report.update(preflight.preflight(recipe, task, raw, tokenizer))
         todo = DatasetDict({only: raw[only]}) if only else raw
         tokenized = task.preprocess(recipe, todo, tokenizer)
     return raw, tokenizer, tokenized
@@ -184,9 +209,12 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, dry_
         resolve(recipe)
     args = recipe.args
     ckpt, wipe = (None, False) if dry_run else plan_output_dir(recipe, overwrite, resume)
+    if args.resume_from_checkpoint and not dry_run:
+        ckpt = chosen_checkpoint(Path(args.resume_from_checkpoint))
     started = time.time()
     set_seed(args.seed)
-    raw, tokenizer, tokenized = prepare_data(recipe, task, args)
+    report: dict = {}
+    raw, tokenizer, tokenized = prepare_data(recipe, task, args, report=report)
     model_kwargs = task.model_kwargs(recipe)
     if dry_run:
         return estimate(recipe, task, tokenizer, tokenized, model_kwargs)
@@ -225,6 +253,9 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, dry_
     if trainer.is_world_process_zero():
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.yaml").write_text(dump_yaml(resolved_dict(recipe)), encoding="utf-8")
+        from llmkit.preflight import save_report
+
+        save_report(report, out / "preflight.json")
 
     if os.environ.get("LLMKIT_VERBOSITY") == "quiet":
         from transformers.trainer_callback import PrinterCallback
@@ -245,6 +276,8 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, dry_
         trainer.save_model()
     except OSError as err:
         raise save_failed("the final model", out, err) from err
+    if trainer.is_world_process_zero():
+        drop_pickled_args(out)
     train_metrics = dict(result.metrics)
     eval_metrics = {}
     if "validation" in tokenized:

@@ -2,7 +2,9 @@
 
 import json
 import math
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 from conftest import RECIPES
@@ -39,7 +41,8 @@ def test_tiny_pretraining_end_to_end(tmp_path, name, auto):
         "trainer_state.json",
     ):
         assert (out / f).exists(), f
-    assert not list(out.glob("*.bin")) or list(out.glob("*.bin")) == [out / "training_args.bin"]
+    # safetensors, JSON and YAML only: no pickle anywhere in the run (not even the Trainer's training_args.bin)
+    assert not [p for p in out.rglob("*") if p.suffix in (".bin", ".pkl", ".pickle")]
     assert json.loads((out / "summary.json").read_text())["task"] == summary["task"]
     model = getattr(transformers, auto).from_pretrained(out)
     tok = transformers.AutoTokenizer.from_pretrained(out)
@@ -92,6 +95,14 @@ def test_output_dir_guards(tmp_path):
     with pytest.raises(LlmkitError, match="not an llmkit run"):
         run.train(_recipe("bert.yaml", foreign))
     assert (foreign / "notes.txt").read_text() == "mine"
+    # A read-only output_dir (simulated: tests may run as root, whom permissions do not stop) fails at once.
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    real_access = os.access
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "access", lambda p, mode: False if Path(p) == readonly else real_access(p, mode))
+        with pytest.raises(LlmkitError, match=r"readonly/run is not writable .*choose another trainer.output_dir"):
+            run.train(_recipe("bert.yaml", readonly / "run"))
 
 
 def test_dry_run_estimates_without_writing(tmp_path):

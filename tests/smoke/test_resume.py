@@ -158,3 +158,25 @@ def test_disk_full_during_a_save_is_one_line_and_loses_nothing(tmp_path, monkeyp
     assert run.last_checkpoint(out).name == "checkpoint-3" and not (out / ".partial").exists()
     monkeypatch.setattr(transformers.Trainer, "_save_rng_state", save_rng)  # space freed: resume
     assert run.train(recipe(), resume=True)["steps"] == 6
+
+
+def test_resume_from_a_named_checkpoint_into_a_new_folder(tmp_path):
+    """trainer.resume_from_checkpoint=PATH continues another run's checkpoint, exactly; checkpoints hold no pickle."""
+    reference, other = tmp_path / "reference", tmp_path / "other"
+    run.train(resolve(load_recipe(RECIPES / "tiny/gpt2.yaml", _overrides(reference))))
+    ckpt = reference / "checkpoint-3"
+    assert sorted(p.name for p in ckpt.iterdir() if p.suffix in (".bin", ".pkl")) == []
+    summary = run.train(
+        resolve(load_recipe(RECIPES / "tiny/gpt2.yaml", _overrides(other, [f"trainer.resume_from_checkpoint={ckpt}"])))
+    )
+    assert summary["steps"] == 6
+    _assert_same_run(reference, other, resumed_from=3)
+    with pytest.raises(LlmkitError, match="is not a complete checkpoint"):
+        run.train(
+            resolve(
+                load_recipe(
+                    RECIPES / "tiny/gpt2.yaml",
+                    _overrides(tmp_path / "third", [f"trainer.resume_from_checkpoint={tmp_path / 'nothing'}"]),
+                )
+            )
+        )

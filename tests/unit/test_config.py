@@ -142,3 +142,17 @@ def test_first_line_of_any_exception():
     assert first_line(ValueError("bad thing\n  long details")) == "bad thing"
     assert first_line(OSError()) == "OSError"  # an empty message never raises while reporting
     assert first_line(RuntimeError("  "), default="") == ""
+
+
+def test_remote_code_is_off_unless_asked_and_then_named(write, caplog):
+    assert load_recipe(write("r.yaml", BASE)).model.trust_remote_code is False
+    with caplog.at_level("WARNING", logger="llmkit"):
+        resolve(load_recipe(write("r.yaml", BASE), ["model.config=null", "model.name_or_path=acme/odd-model"]))
+        assert "trust_remote_code" not in caplog.text
+        resolve(
+            load_recipe(
+                write("r.yaml", BASE),
+                ["model.config=null", "model.name_or_path=acme/odd-model", "model.trust_remote_code=true"],
+            )
+        )
+    assert "Python code from 'acme/odd-model' will run on this machine" in caplog.text
