@@ -47,3 +47,18 @@ def test_sigint_saves_a_checkpoint_and_the_run_resumes(tmp_path):
     assert 0 < stopped_at < 120
     summary = run.train(resolve(load_recipe(RECIPES / "tiny/gpt2.yaml", overrides)), resume=True)
     assert summary["steps"] == 120
+
+
+def test_a_second_signal_quits_at_once():
+    import os
+
+    from llmkit.interrupt import StopOnSignal
+
+    previous = signal.getsignal(signal.SIGINT)
+    stopper = StopOnSignal()
+    with stopper:
+        os.kill(os.getpid(), signal.SIGTERM)  # the first: noted, training goes on to the end of the step
+        assert stopper.requested
+        with pytest.raises(KeyboardInterrupt):  # the second: out now (the CLI turns it into exit 130)
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is previous  # handlers restored
