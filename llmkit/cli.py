@@ -58,13 +58,22 @@ def _setup_logging() -> None:
     rank = int(os.environ.get("RANK", "0"))
     verbosity = os.environ.get("LLMKIT_VERBOSITY", "normal")
     level = logging.WARNING if verbosity == "quiet" or rank > 0 else logging.INFO
-    logging.basicConfig(level=level, format="[llmkit] %(message)s", stream=sys.stderr, force=True)
+    # Other libraries' info messages (rouge_score says "Using default tokenizer." at every evaluation) only under -v.
+    root = level if verbosity == "verbose" else logging.WARNING
+    logging.basicConfig(level=root, format="[llmkit] %(message)s", stream=sys.stderr, force=True)
+    logging.getLogger("llmkit").setLevel(level)
     import datasets
     import transformers
 
     transformers.logging.set_verbosity_info() if verbosity == "verbose" else transformers.logging.set_verbosity_warning()
     if verbosity == "quiet" or not sys.stderr.isatty():
-        datasets.disable_progress_bars()  # no live bars in logs and pipes; the Trainer logs lines instead
+        # No live bars in logs and pipes (their carriage returns pile up); the run prints lines instead.
+        datasets.disable_progress_bars()
+        transformers.logging.disable_progress_bar()
+    else:
+        from llmkit.progress import transient_bar
+
+        transformers.logging.set_tqdm_hook(transient_bar)
 
 
 def guarded(debug: bool, fn: Callable[[], Any]) -> Any:

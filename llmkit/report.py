@@ -30,52 +30,113 @@ def _series(history: list[dict], key: str) -> tuple[list[float], list[float]]:
 
 def plot_runs(runs: list[Path], out_dir: Path, main_metric: str) -> list[Path]:
     """Draw loss (train and validation), learning rate and the main metric; several runs overlaid."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
 
     out_dir.mkdir(parents=True, exist_ok=True)
     histories = {Path(r).name: load_history(Path(r)) for r in runs}
+    metric = main_metric.removeprefix("eval_")
+    # (file, title, y label, curves: (log key, legend label, line style))
     panels = [
-        ("loss.png", "Loss", [("loss", "train", "-"), ("eval_loss", "validation", "--")]),
-        ("learning_rate.png", "Learning rate", [("learning_rate", "", "-")]),
+        ("loss.png", "Loss", "loss", [("loss", "train", "-"), ("eval_loss", "validation", "--")]),
+        ("learning_rate.png", "Learning rate", "learning rate", [("learning_rate", "", "-")]),
     ]
     if main_metric != "eval_loss":
-        panels.append(
-            (
-                f"{main_metric.removeprefix('eval_')}.png",
-                main_metric.removeprefix("eval_"),
-                [(main_metric, "validation", "-o")],
-            )
-        )
+        panels.append((f"{metric}.png", f"Validation {metric}", metric, [(main_metric, "validation", "-o")]))
     written = []
-    for filename, title, curves in panels:
+    for filename, title, ylabel, curves in panels:
         fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-        drawn, values_seen = False, []
-        for name, history in histories.items():
-            for key, label, style in curves:
+        labels, values_seen = [], []
+        for i, (name, history) in enumerate(histories.items()):
+            for j, (key, label, style) in enumerate(curves):
                 steps, values = _series(history, key)
                 if steps:
                     values_seen += values
-                    tag = " ".join(x for x in (name if len(histories) > 1 else "", label) if x)
-                    ax.plot(steps, values, style, label=tag or key, markersize=3)
-                    drawn = True
-        if not drawn:
+                    labels.append(" ".join(x for x in (name if len(histories) > 1 else "", label) if x))
+                    # Overlaid runs: one colour per run, the line style tells train from validation.
+                    color = f"C{i if len(histories) > 1 else j}"
+                    ax.plot(steps, values, style, color=color, label=labels[-1] or key, markersize=3)
+        if not labels:
             plt.close(fig)
             continue
-        ax.set_xlabel("step")
-        ax.set_title(title)
         positive = [v for v in values_seen if v > 0]
-        if title != "Learning rate" and positive and max(positive) > 10 * min(positive):
+        if ylabel != "learning rate" and positive and max(positive) > 10 * min(positive):
             ax.set_yscale("log")  # curves that fall by orders of magnitude (early loss, perplexity)
+            ylabel += " (log scale)"
+        elif min(values_seen) >= 0 and ax.get_ylim()[0] < 0:
+            # A flat zero (ROUGE early on) should not draw a negative axis; a sliver keeps its markers visible.
+            ax.set_ylim(bottom=-0.02 * ax.get_ylim()[1])
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend()
+        if len(labels) > 1 or labels[0].lower() not in title.lower():  # else the title says it all
+            ax.legend()
         fig.tight_layout()
         fig.savefig(out_dir / filename)
         plt.close(fig)
         written.append(out_dir / filename)
     return written
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: runs on servers and in CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+CONFUSION = "confusion_matrix.json"
+
+
+def save_confusion(run_dir: Path, labels: list[str], matrix: list[list[int]]) -> None:
+    """Keep a classification evaluation's confusion matrix in the run folder (rows: true, columns: predicted).
+
+    Every evaluation during training replaces it, so a run ends with its final validation pass.
+    A finished run (one with summary.json) is left alone: a later `llmkit evaluate RUN --split test`
+    must not change what the run's plot and report show.
+    """
+    from llmkit.data import atomic_write
+
+    run_dir = Path(run_dir)
+    if (run_dir / "summary.json").exists():
+        return
+    atomic_write(run_dir / CONFUSION, json.dumps({"labels": list(labels), "matrix": matrix}) + "\n")
+
+
+def plot_confusion(run_dir: Path, out_dir: Path) -> Path | None:
+    """Draw RUN/confusion_matrix.json as out_dir/confusion_matrix.png; None when the run has none."""
+    source = Path(run_dir) / CONFUSION
+    if not source.exists():
+        return None
+    saved = json.loads(source.read_text(encoding="utf-8"))
+    labels, matrix = [str(x) for x in saved["labels"]], saved["matrix"]
+    n, total = len(labels), sum(map(sum, matrix))
+    correct = sum(matrix[i][i] for i in range(n))
+    plt = _pyplot()
+    side = min(3.5 + 0.45 * n, 20)
+    fig, ax = plt.subplots(figsize=(side + 1, side), dpi=110)
+    image = ax.imshow(matrix, cmap="Blues")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="count")
+    ax.set_xticks(range(n), labels, rotation=45 if max(map(len, labels), default=0) > 3 else 0, ha="right")
+    ax.set_yticks(range(n), labels)
+    if n and n <= 30:  # beyond that the numbers no longer fit in their cells
+        peak = max(map(max, matrix)) or 1
+        for i, row in enumerate(matrix):
+            for j, count in enumerate(row):
+                color = "white" if count > peak / 2 else "black"
+                ax.text(j, i, str(count), ha="center", va="center", color=color, fontsize=9 if n <= 12 else 7)
+    ax.set_xlabel("predicted label")
+    ax.set_ylabel("true label")
+    ax.set_title(f"Confusion matrix ({total} rows, accuracy {correct / max(total, 1):.3f})")
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_dir / "confusion_matrix.png")
+    plt.close(fig)
+    return out_dir / "confusion_matrix.png"
 
 
 def model_card(recipe: Any, task: Any, summary: dict) -> str:
@@ -163,6 +224,7 @@ def model_card(recipe: Any, task: Any, summary: dict) -> str:
 def write_run_report(out: Path, recipe: Any, task: Any, summary: dict) -> None:
     """At the end of a run: plots/ and the model card README.md in the output folder."""
     plot_runs([out], out / "plots", task.main_metric)
+    plot_confusion(out, out / "plots")
     (out / "README.md").write_text(model_card(recipe, task, summary), encoding="utf-8")
 
 
@@ -182,4 +244,6 @@ def report(runs: list[Path], output: Path | None = None) -> list[Path]:
         if len(runs) > 1:
             raise LlmkitError("several runs: say where the comparison goes with --output DIR")
         output = runs[0] / "plots"
-    return plot_runs(runs, output, main)
+    drawn = plot_runs(runs, output, main)
+    confusion = plot_confusion(runs[0], output) if len(runs) == 1 else None
+    return drawn + [confusion] if confusion else drawn

@@ -33,8 +33,20 @@ def test_classification_finetune_evaluate_predict(tmp_path):
     config = transformers.AutoConfig.from_pretrained(out)
     assert config.id2label == {0: "negative", 1: "positive"}  # string labels saved as names
 
-    # What the run leaves for people: plots and a Hugging Face model card.
-    assert {p.name for p in (out / "plots").iterdir()} == {"loss.png", "learning_rate.png", "accuracy.png"}
+    # What the run leaves for people: the summary, plots (with a confusion matrix) and a Hugging Face model card.
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["task"] == "classification" and saved["steps"] == summary["steps"] > 0
+    assert saved["final_metrics"] == json.loads((out / "eval_validation.json").read_text()) == metrics
+    assert {p.name for p in (out / "plots").iterdir()} == {
+        "loss.png",
+        "learning_rate.png",
+        "accuracy.png",
+        "confusion_matrix.png",
+    }
+    confusion = json.loads((out / "confusion_matrix.json").read_text())
+    assert confusion["labels"] == ["negative", "positive"]
+    assert sum(map(sum, confusion["matrix"])) == 24  # every validation row, once
+    assert sum(confusion["matrix"][i][i] for i in range(2)) / 24 == pytest.approx(metrics["eval_accuracy"])
     card = (out / "README.md").read_text()
     header = card.split("---")[1]
     assert "library_name: llmkit" in header and "pipeline_tag: text-classification" in header
@@ -46,10 +58,13 @@ def test_classification_finetune_evaluate_predict(tmp_path):
     drawn = report([out, out], tmp_path / "compare")
     assert sorted(p.name for p in drawn) == ["accuracy.png", "learning_rate.png", "loss.png"]
     assert all(p.stat().st_size > 5000 for p in drawn)
+    (out / "plots" / "confusion_matrix.png").unlink()
+    assert "confusion_matrix.png" in [p.name for p in report([out])]  # `llmkit report RUN` redraws it
 
     test = run.evaluate(run.recipe_for_evaluation(out, []), "test")
     assert test["samples"] == 24 and 0 <= test["eval_accuracy"] <= 1
     assert json.loads((out / "eval_test.json").read_text())["eval_accuracy"] == test["eval_accuracy"]
+    assert json.loads((out / "confusion_matrix.json").read_text()) == confusion  # still the validation one
 
     inputs = tmp_path / "in.jsonl"
     inputs.write_text('{"text": "a wonderful film overall"}\n{"text": "a dull script"}\n')

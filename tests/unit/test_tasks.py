@@ -257,9 +257,12 @@ def test_recipe_metrics_list_fails_at_resolve(tmp_path):
         resolve(load_recipe(RECIPES / "tiny/classification.yaml", ["metrics=[bleu]"]))
 
 
-def test_classification_reduce_keeps_decisions_not_logits():
+def test_classification_reduce_keeps_decisions_not_logits(tmp_path, monkeypatch):
+    import json
+
     import torch
 
+    monkeypatch.chdir(tmp_path)  # the recipe's output_dir, runs/t, gets the confusion matrix
     recipe = _recipe("classification")
     recipe.options.labels = ["a", "b", "c"]
     compute, reduce = get_task("classification").metrics(recipe, None, None)
@@ -272,6 +275,9 @@ def test_classification_reduce_keeps_decisions_not_logits():
         label_ids = np.array([1, 1])
 
     assert compute(P())["accuracy"] == 0.5
+    saved = json.loads((tmp_path / "runs/t/confusion_matrix.json").read_text())
+    # Row: the true label, column: the predicted one.
+    assert saved == {"labels": ["a", "b", "c"], "matrix": [[0, 0, 0], [1, 1, 0], [0, 0, 0]]}
 
 
 def test_summarization_collator_never_targets_the_decoder_start_token(tokenizer):
