@@ -194,11 +194,19 @@ def trainer_class(task: Task) -> type:
 # --------------------------------------------------------------------------- train
 
 
-def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, dry_run: bool = False) -> dict:
+def train(
+    recipe: Recipe,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    dry_run: bool = False,
+    callbacks: list | None = None,
+) -> dict:
     """Run the recipe end to end: data, tokenizer, model, Trainer, outputs. Returns the summary.
 
     With dry_run=True everything is validated and tokenized but nothing is trained or written;
-    the estimate (parameters, tokens per step, steps, epochs) is returned instead.
+    the estimate (parameters, tokens per step, steps, epochs) is returned instead. `callbacks`
+    (transformers TrainerCallback instances) are added to the Trainer, e.g. to time steps.
     """
     from transformers import set_seed
 
@@ -220,6 +228,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, dry_
         return estimate(recipe, task, tokenizer, tokenized, model_kwargs)
 
     model = modeling.build_model(recipe, task, tokenizer, model_kwargs)
+    task.prepare_model(recipe, model)
     out = recipe.output_dir
     if wipe:
         if args.process_index == 0:  # every rank decided the same; only the main process deletes
@@ -249,6 +258,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, dry_
         processing_class=tokenizer,
         compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=reduce_logits,
+        callbacks=callbacks,
     )
     if trainer.is_world_process_zero():
         out.mkdir(parents=True, exist_ok=True)
@@ -257,10 +267,9 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, dry_
 
         save_report(report, out / "preflight.json")
 
-    if os.environ.get("LLMKIT_VERBOSITY") == "quiet":
-        from transformers.trainer_callback import PrinterCallback
+    from llmkit.progress import show_progress
 
-        trainer.remove_callback(PrinterCallback)  # --quiet: no per-step log lines either
+    show_progress(trainer)  # a named bar with loss/lr/samples/s, plain lines in pipes, nothing under --quiet
     from llmkit.interrupt import StopOnSignal
 
     stopper = StopOnSignal(args.world_size)
@@ -398,6 +407,7 @@ def evaluate(recipe: Recipe, split: str = "validation") -> dict:
     args = recipe.args
     raw, tokenizer, tokenized = prepare_data(recipe, task, args, only=split)
     model = modeling.build_model(recipe, task, tokenizer, task.model_kwargs(recipe))
+    task.prepare_model(recipe, model)
     compute_metrics, reduce_logits = task.metrics(recipe, tokenizer, tokenized[split])
     trainer = trainer_class(task)(
         model=model,
@@ -408,6 +418,9 @@ def evaluate(recipe: Recipe, split: str = "validation") -> dict:
         compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=reduce_logits,
     )
+    from llmkit.progress import show_progress
+
+    show_progress(trainer)  # an "evaluating"/"generating" bar; no metrics dict before the command's table
     metrics = _add_perplexity(task, trainer.evaluate(metric_key_prefix="eval"))
     metrics = {"split": split, "samples": len(tokenized[split]), **metrics}
     if trainer.is_world_process_zero():

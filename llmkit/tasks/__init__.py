@@ -40,6 +40,8 @@ class Task:
     labels: Callable[..., list[str] | None] = field(default=lambda recipe, ds: None)
     # (recipe) -> extra kwargs for the model config (labels, problem_type)
     model_kwargs: Callable[..., dict] = field(default=lambda recipe: {})
+    # (recipe, model) -> None: task-specific speed-ups installed on the built model (hooks; nothing saved changes)
+    prepare_model: Callable[..., None] = field(default=lambda recipe, model: None)
     # (recipe, model, tokenizer, rows) -> one output dict per input row
     predict: Callable[..., list[dict]] | None = None
     input_columns: tuple[str, ...] = ("text",)  # roles a predict input file must have

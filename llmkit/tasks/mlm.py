@@ -97,6 +97,45 @@ def _preprocess(recipe: Any, ds: Any, tokenizer: Any) -> Any:
     return packed
 
 
+def predict_masked_positions_only(model: Any) -> Any:
+    """Compute the vocabulary head and the loss only where labels are set (the ~15% masked positions).
+
+    The head over the full vocabulary at every position is a quarter of a BERT training step, and
+    85% of it feeds positions the loss ignores. Two forward pre-hooks (no change to the model's
+    code or weights) pass the masked rows only: the model's labels become the masked labels, and
+    the head's input becomes the hidden states at those positions, so `logits` is
+    [masked positions, vocab] and the loss is the same mean cross-entropy. Without labels (inference)
+    nothing changes. Returns the model.
+    """
+    import torch
+
+    # BERT's and RoBERTa's heads (transform + decoder) take the hidden states; else the decoder alone.
+    heads = [getattr(model, n, None) for n in ("cls", "lm_head")] + [model.get_output_embeddings()]
+    head = next((h for h in heads if isinstance(h, torch.nn.Module)), None)
+    if head is None:
+        return model
+    kept: dict[str, Any] = {}
+
+    def take_masked_labels(module: Any, args: tuple, kwargs: dict) -> Any:
+        labels = kwargs.get("labels")
+        kept.pop("where", None)
+        if labels is None or args:  # positional inputs: not the Trainer's call, leave it alone
+            return None
+        where = labels != -100
+        kept["where"] = where
+        return args, {**kwargs, "labels": labels[where]}
+
+    def take_masked_rows(module: Any, args: tuple) -> Any:
+        where = kept.get("where")
+        if where is None or args[0].shape[:-1] != where.shape:
+            return None
+        return (args[0][where], *args[1:])
+
+    model.register_forward_pre_hook(take_masked_labels, with_kwargs=True)
+    head.register_forward_pre_hook(take_masked_rows)
+    return model
+
+
 TASK = Task(
     name="mlm",
     main_metric="eval_perplexity",
@@ -111,5 +150,6 @@ TASK = Task(
     collator=_collator,
     corpus=lambda recipe, train: text_corpus(TASK.column(recipe, "text"))(recipe, train),
     validate=_validate,
+    prepare_model=lambda recipe, model: predict_masked_positions_only(model),
     perplexity=True,
 )

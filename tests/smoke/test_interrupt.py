@@ -33,7 +33,7 @@ def test_sigint_saves_a_checkpoint_and_the_run_resumes(tmp_path):
     seen = []
     for line in proc.stdout:  # wait until training steps are being logged
         seen.append(line)
-        if "'loss'" in line:
+        if line.startswith("step ") and " loss " in line:
             break
     proc.send_signal(signal.SIGINT)
     rest, _ = proc.communicate(timeout=120)

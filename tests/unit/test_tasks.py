@@ -335,3 +335,28 @@ def test_mlm_evaluation_rows_are_masked_once(tokenizer):
     assert masked and any(i == tokenizer.mask_token_id for i, _ in masked)
     batch = get_task("mlm").collator(recipe, tokenizer, None)(list(val))
     assert batch["labels"].tolist() == val["labels"] and batch["input_ids"].tolist() == val["input_ids"]
+
+
+def test_mlm_head_on_masked_positions_only_gives_the_same_loss_and_gradients():
+    import copy
+
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    from llmkit.tasks.mlm import predict_masked_positions_only
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    plain = BertForMaskedLM(cfg).eval()
+    fast = predict_masked_positions_only(copy.deepcopy(plain))
+    ids = torch.randint(5, 50, (3, 12))
+    labels = torch.full_like(ids, IGNORE)
+    labels[0, 2], labels[1, 5], labels[1, 7], labels[2, 11] = 7, 9, 11, 13
+    a, b = plain(input_ids=ids, labels=labels), fast(input_ids=ids, labels=labels)
+    assert b.logits.shape == (4, 50)  # only the masked positions reached the vocabulary head
+    assert torch.allclose(a.loss, b.loss, atol=1e-6)
+    a.loss.backward()
+    b.loss.backward()
+    for (name, p), q in zip(plain.named_parameters(), fast.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6), name
+    assert fast(input_ids=ids).logits.shape == (3, 12, 50)  # inference (no labels) is untouched
