@@ -329,6 +329,12 @@ def configure_generation(model: Any, recipe: Recipe, tokenizer: Any) -> None:
         settings["max_new_tokens"] = recipe.data.max_target_length
     if "max_new_tokens" in settings:
         settings.setdefault("max_length", None)  # else the default max_length=20 competes with it
+        if getattr(model.config, "is_encoder_decoder", False) and settings["max_new_tokens"] is not None:
+            # The same bound as max_length (the decoder starts from one token). Seq2SeqTrainer fills the
+            # default max_length=20 into the model's config after its first generate, and with both set
+            # every later generate call warns; max_length alone has nothing to clash with.
+            settings["max_length"] = settings.pop("max_new_tokens") + 1
+            settings["max_new_tokens"] = None
     for key, value in settings.items():
         setattr(gen, key, value)
     if gen.pad_token_id is None:
