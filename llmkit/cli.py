@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import shlex
 import sys
@@ -15,13 +14,15 @@ import typer
 from llmkit import __version__
 from llmkit.errors import Interrupted, LlmkitError, first_line
 
+# Plain (Click) help instead of Rich panels: importing rich and markdown-it was most of `llmkit --help`'s time.
 app = typer.Typer(
     help="Pretrain and fine-tune Hugging Face transformers from YAML recipes.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=True,
+    rich_markup_mode=None,
 )
-recipe_app = typer.Typer(help="Inspect recipes.", no_args_is_help=True)
+recipe_app = typer.Typer(help="Inspect recipes.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(recipe_app, name="recipe")
 
 # Extra words after the recipe are key=value overrides; an unknown --flag lands there too and is
@@ -53,6 +54,8 @@ def _root(
 
 
 def _setup_logging() -> None:
+    import logging
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Under torchrun/accelerate only rank 0 reports progress; the other ranks speak up for problems only.
     rank = int(os.environ.get("RANK", "0"))
@@ -216,7 +219,7 @@ def finetune(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in output_dir from its newest checkpoint."),
     debug: bool = DebugOpt,
 ) -> None:
-    """Fine-tune a pretrained model on a task (classification, ner, summarization)."""
+    """Fine-tune a model for classification, ner or summarization."""
 
     def go() -> None:
         path, extra = _recipe_for_task(recipe, task, overrides)
@@ -234,7 +237,10 @@ def check(
     ),
     debug: bool = DebugOpt,
 ) -> None:
-    """Preflight the recipe's data: rows, empty rows, train/eval duplicates, labels, NER tags, truncation."""
+    """Preflight a recipe's data without training.
+
+    Reports rows per split, empty rows, train/eval duplicates, labels, NER tags and truncation.
+    """
 
     def go() -> None:
         r = _load(recipe, overrides)
@@ -261,7 +267,7 @@ def evaluate(
     split: str = typer.Option("validation", "--split", help="Which split to evaluate: validation, test, train."),
     debug: bool = DebugOpt,
 ) -> None:
-    """Compute metrics for a trained run or any checkpoint on any split."""
+    """Compute metrics for a run or any checkpoint on any split."""
 
     def go() -> None:
         from llmkit import run
@@ -284,7 +290,10 @@ def predict(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
     debug: bool = DebugOpt,
 ) -> None:
-    """Predict with a trained model on a file of inputs; writes one JSON line per input."""
+    """Predict with a trained model on a file of inputs.
+
+    Writes one JSON line per input.
+    """
 
     def go() -> None:
         from llmkit import run
@@ -305,7 +314,10 @@ def export(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT_DIR."),
     debug: bool = DebugOpt,
 ) -> None:
-    """Export a run's model (or its LoRA adapter, or base + adapter merged with --merge)."""
+    """Export a run's model, or its LoRA adapter, or both merged.
+
+    With --merge, the adapter is merged into its base model: one standalone model.
+    """
 
     def go() -> None:
         from llmkit import run
@@ -323,7 +335,10 @@ def report(
     output: Path = typer.Option(None, "--output", "-o", help="Where the plots go (default: RUN/plots for one run)."),
     debug: bool = DebugOpt,
 ) -> None:
-    """Redraw a run's plots (loss, learning rate, main metric); several runs are overlaid for comparison."""
+    """Redraw a run's plots; several runs are overlaid for comparison.
+
+    Plots: loss, learning rate and the main metric.
+    """
 
     def go() -> None:
         from llmkit.report import report as draw
@@ -340,7 +355,10 @@ def init(
     output: Path = typer.Option(None, "--output", "-o", help="Where to write it (default: TASK.yaml here)."),
     debug: bool = DebugOpt,
 ) -> None:
-    """Write a commented starter recipe for TASK (a copy of the shipped one) to edit."""
+    """Write a commented starter recipe for TASK to edit.
+
+    It is a copy of the shipped recipe for TASK.
+    """
 
     def go() -> None:
         from llmkit.config import load_raw, shipped_recipe

@@ -51,6 +51,27 @@ def test_help_imports_no_ml_library():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["finetune", "--help"]])
+def test_help_imports_neither_rich_nor_the_recipe_loader(argv):
+    # Rich (with markdown-it) was most of `llmkit --help`'s start-up time; the help is Click's plain one.
+    code = (
+        "import sys\nfrom llmkit.cli import app\ntry:\n    app(sys.argv[1:], prog_name='llmkit')\nexcept SystemExit:\n    pass\n"
+        "loaded = {'rich', 'yaml', 'torch', 'transformers', 'datasets'} & {m.split('.')[0] for m in sys.modules}\n"
+        "assert not loaded, loaded"
+    )
+    out = subprocess.run([sys.executable, "-c", code, *argv], check=True, cwd=ROOT, capture_output=True, text=True)
+    assert "Usage: llmkit" in out.stdout
+
+
+def test_help_lists_every_command_untruncated():
+    result = runner.invoke(app, ["--help"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0
+    commands = result.output.split("Commands:")[1].splitlines()[1:]
+    names = [line.split()[0] for line in commands if line.strip()]
+    assert names == "pretrain finetune check evaluate predict export report init recipes recipe".split()
+    assert not [line for line in commands if line.endswith("...")], result.output
+
+
 def test_pretrain_passes_recipe_overrides_and_flags(engine):
     result = runner.invoke(
         app, ["pretrain", str(RECIPES / "tiny/bert.yaml"), "trainer.seed=7", "data.max_length=16", "--overwrite"]
