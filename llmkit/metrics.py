@@ -76,31 +76,12 @@ def rouge_scores(predictions: list[str], references: list[list[str]]) -> dict[st
     return {k: 100 * v / n for k, v in totals.items()}
 
 
-def _module(name: str, features: dict, fn: Any) -> Any:
-    import datasets
+def _module(name: str) -> Any:
+    """llmkit's own metric `name` as an evaluate module, computed locally."""
     import evaluate
+    from datasets import Features, Sequence, Value
 
-    class _Local(evaluate.Metric):
-        def _info(self) -> Any:
-            return evaluate.MetricInfo(
-                description=f"llmkit {name} (computed locally)",
-                citation="",
-                inputs_description="",
-                features=datasets.Features(features),
-            )
-
-        def _compute(self, predictions: Any, references: Any, **kwargs: Any) -> dict:
-            return fn(predictions, references, **kwargs)
-
-    _Local.__name__ = f"llmkit_{name}"
-    return _Local()
-
-
-def load_metric(name: str) -> Any:
-    """An evaluate module: llmkit's local ones ("classification", "seqeval", "rouge"), else evaluate.load."""
-    from datasets import Sequence, Value
-
-    local = {
+    features, fn = {
         "classification": ({"predictions": Value("int64"), "references": Value("int64")}, classification_scores),
         "multilabel": (
             {"predictions": Sequence(Value("int64")), "references": Sequence(Value("int64"))},
@@ -111,9 +92,50 @@ def load_metric(name: str) -> Any:
             seqeval_scores,
         ),
         "rouge": ({"predictions": Value("string"), "references": Sequence(Value("string"))}, rouge_scores),
-    }
-    if name in local:
-        return _module(name, *local[name])
+    }[name]
+
+    class _Local(evaluate.Metric):
+        def _info(self) -> Any:
+            return evaluate.MetricInfo(
+                description=f"llmkit {name} (computed locally)",
+                citation="",
+                inputs_description="",
+                features=Features(features),
+            )
+
+        def _compute(self, predictions: Any, references: Any, **kwargs: Any) -> dict:
+            return fn(predictions, references, **kwargs)
+
+    _Local.__name__ = f"llmkit_{name}"
+    return _Local()
+
+
+class LocalMetric:
+    """One of llmkit's own evaluate modules, built at its first use.
+
+    Importing evaluate (and the scipy/sklearn it pulls in) costs ~0.3 s, which a run would otherwise
+    pay before its first training step; the metric is needed only at the first evaluation.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._module: Any = None
+
+    def __getattr__(self, attr: str) -> Any:  # compute, add_batch, info, ...: the evaluate module's API
+        if attr.startswith("_"):  # private and dunder names (copy, pickle) are not forwarded
+            raise AttributeError(attr)
+        if self._module is None:
+            self._module = _module(self._name)
+        return getattr(self._module, attr)
+
+
+LOCAL_METRICS = ("classification", "multilabel", "seqeval", "rouge")
+
+
+def load_metric(name: str) -> Any:
+    """An evaluate module: llmkit's local ones (LOCAL_METRICS, built at first use), else evaluate.load."""
+    if name in LOCAL_METRICS:
+        return LocalMetric(name)
     import evaluate
 
     try:

@@ -225,6 +225,21 @@ def test_classification_metrics_on_toy_predictions():
     assert module.compute(predictions=[1, 0, 1, 1], references=[1, 0, 0, 1]) == s
 
 
+def test_builtin_metrics_import_evaluate_only_when_computed():
+    # evaluate (with scipy/sklearn) is ~0.3 s that a run would pay before its first step.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom llmkit.metrics import load_metric\n"
+        "m = {n: load_metric(n) for n in ('classification', 'multilabel', 'seqeval', 'rouge')}\n"
+        "assert 'evaluate' not in sys.modules\n"
+        "assert m['seqeval'].compute(predictions=[['B-PER', 'O']], references=[['B-PER', 'O']])['f1'] == 1.0\n"
+        "assert 'evaluate' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_seqeval_metrics_on_toy_predictions():
     refs = [["B-PER", "I-PER", "O", "B-LOC"]]
     preds = [["B-PER", "I-PER", "O", "O"]]
