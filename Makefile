@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test lint demo quality clean
+.PHONY: install test lint demo bench quality clean
 
 $(BIN)/llmkit: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,9 @@ lint: $(BIN)/llmkit
 
 demo: $(BIN)/llmkit  ## install, then pretrain the default BERT recipe (offline, ~5 min on 2 cores)
 	$(BIN)/llmkit pretrain recipes/bert.yaml --overwrite
+
+bench: $(BIN)/llmkit  ## llmkit vs a plain Trainer script on ../shared/data (under 10 min; machine must be idle)
+	$(BIN)/python benchmarks/bench.py
 
 quality: $(BIN)/llmkit  ## the README's quality numbers on ../shared/data (about an hour on 2 CPU cores)
 	bash benchmarks/quality.sh sst2 wnut scitldr sst2-full

@@ -215,6 +215,7 @@ class ModelSection:
     decoder: str | None = None
     revision: str | None = None
     trust_remote_code: bool = False
+    attn_implementation: str | None = None  # eager | sdpa | flash_attention_2 | ...; None: transformers' choice
     quantization: dict | None = None  # transformers.BitsAndBytesConfig kwargs (QLoRA): needs CUDA + bitsandbytes
 
 

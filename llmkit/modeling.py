@@ -262,7 +262,10 @@ def build_model(recipe: Recipe, task: Task, tokenizer: Any, extra: dict | None =
     config = build_config(recipe, task, tokenizer, extra or {})
     if meta:
         with torch.device("meta"):
-            return auto.from_config(config)
+            try:
+                return auto.from_config(config, **_attention(m))
+            except ValueError as e:
+                raise RecipeError(f"model: {first_line(e)}") from None
     if m.name_or_path:
         try:
             # A new head (its labels differ from the checkpoint's) starts random instead of failing.
@@ -278,6 +281,7 @@ def build_model(recipe: Recipe, task: Task, tokenizer: Any, extra: dict | None =
                 trust_remote_code=m.trust_remote_code,
                 ignore_mismatched_sizes="num_labels" in (extra or {}),
                 **quant,
+                **_attention(m),
             )
         except (OSError, ValueError) as e:
             first = first_line(e)
@@ -285,10 +289,18 @@ def build_model(recipe: Recipe, task: Task, tokenizer: Any, extra: dict | None =
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(tokenizer))
     else:
-        model = auto.from_config(config)
+        try:
+            model = auto.from_config(config, **_attention(m))
+        except ValueError as e:
+            raise RecipeError(f"model: {first_line(e)}") from None
     if task.seq2seq:
         configure_generation(model, recipe, tokenizer)
     return model
+
+
+def _attention(m: Any) -> dict:
+    """model.attn_implementation for from_pretrained / from_config (eager beats SDPA at short lengths on CPU)."""
+    return {"attn_implementation": m.attn_implementation} if m.attn_implementation else {}
 
 
 def _encoder_decoder(recipe: Recipe, tokenizer: Any, meta: bool) -> Any:
