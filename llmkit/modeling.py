@@ -258,7 +258,9 @@ def build_model(recipe: Recipe, task: Task, tokenizer: Any, extra: dict | None =
         if meta:
             with torch.device("meta"):
                 return auto.from_config(_adapter_base_config(Path(m.name_or_path)))
-        return load_adapter_run(Path(m.name_or_path), auto, tokenizer)
+        model = load_adapter_run(Path(m.name_or_path), auto, tokenizer)
+        declare_loss_kwargs(model.get_base_model())
+        return model
     config = build_config(recipe, task, tokenizer, extra or {})
     if meta:
         with torch.device("meta"):
@@ -295,7 +297,27 @@ def build_model(recipe: Recipe, task: Task, tokenizer: Any, extra: dict | None =
             raise RecipeError(f"model: {first_line(e)}") from None
     if task.seq2seq:
         configure_generation(model, recipe, tokenizer)
+    declare_loss_kwargs(model)
     return model
+
+
+def declare_loss_kwargs(model: Any) -> None:
+    """Tell the Trainer whether the model's loss uses `num_items_in_batch` (`accepts_loss_kwargs`).
+
+    The Trainer guesses yes for any forward taking **kwargs and, with several processes, then
+    multiplies the loss by the world size, expecting a loss summed over tokens and divided by the
+    global count. Models that compute their own mean loss (BERT's heads: CrossEntropyLoss) ignore
+    that count, so their loss, its gradients and the logged values came out world-size times too big.
+    """
+    import inspect
+
+    if hasattr(model, "accepts_loss_kwargs"):
+        return
+    try:
+        source = inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        return
+    model.accepts_loss_kwargs = "loss_function" in source
 
 
 def _attention(m: Any) -> dict:

@@ -44,3 +44,7 @@ def test_torchrun_two_processes_matches_single_process_eval(tmp_path, monkeypatc
     assert single["samples"] == 23
     for key in ("eval_f1", "eval_precision", "eval_recall", "eval_token_accuracy"):
         assert single[key] == pytest.approx(summary["final_metrics"][key], abs=1e-9), key
+    # The loss too (batches differ, so not to the bit): BERT's mean loss used to come out x world size.
+    assert single["eval_loss"] == pytest.approx(summary["final_metrics"]["eval_loss"], rel=0.05)
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert all(h["loss"] < 1.5 * single["eval_loss"] + 1 for h in history if "loss" in h)
