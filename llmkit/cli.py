@@ -429,4 +429,22 @@ def main() -> None:
     # collections would scan again and again: ~0.7 s before a tiny run's first step. No collections until
     # the libraries are in (_end_of_startup, called by _setup_logging); after that they are frozen.
     gc.disable()
-    app()
+    try:
+        app()
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under torchrun/accelerate: tear the process group down before exit.
+
+    Left to interpreter shutdown, gloo's threads are sometimes destroyed while still running and the
+    process aborts ("terminate called without an active exception", seen in about 1 of 8 CPU runs)
+    after the run has finished, turning a good run into a failed launch.
+    """
+    if "torch.distributed" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
