@@ -9,7 +9,8 @@ The reference is what a plain Hugging Face Trainer script does (the `examples/py
 run_clm / run_glue / run_ner / run_summarization recipe): fp32 unless told `bf16`, logits at every
 position, padding to max_length where those scripts pad, random batches. It shares nothing with
 llmkit but the tokenizer and model config (read from llmkit's run folder), so both train the same
-model on the same tokens.
+model on the same texts; for CLM llmkit also puts an end-of-text token between documents, which
+run_clm does not, so CLM eval losses are not comparable.
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ def flops_per_token(run_dir: Path, spec: dict) -> float:
     """Model FLOPs per trained token, forward + backward: 6 x matmul weights + attention scores.
 
     The standard model's count (the full vocabulary head included for language models), whatever an
-    implementation skips: the same number for llmkit and the reference.
+    implementation skips: the same number for llmkit and the reference. For an encoder-decoder it is
+    an upper bound per source token (the decoder runs over the shorter target).
     """
     import torch
     import transformers
@@ -108,10 +110,9 @@ def flops_per_token(run_dir: Path, spec: dict) -> float:
     with torch.device("meta"):
         model = getattr(transformers, spec["auto_model"]).from_config(config)
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Linear, Conv1D)))
-    layers = sum(
-        getattr(config, k, 0) or 0 for k in ("num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers")
-    )
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or config.d_model
+    # num_hidden_layers / hidden_size are aliases of n_layer / n_embd (GPT-2) and num_layers / d_model (T5).
+    layers = config.num_hidden_layers + (config.num_decoder_layers if config.is_encoder_decoder else 0)
+    hidden = config.hidden_size
     return 6 * linear + 12 * layers * hidden * spec["seq_len"]
 
 

@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from llmkit.errors import LlmkitError
+from llmkit.errors import LlmkitError, first_line
 
 log = logging.getLogger("llmkit")
 
@@ -36,17 +36,27 @@ def last_checkpoint(out: Path) -> Path | None:
     return max(ckpts)[1] if ckpts else None
 
 
-def save_failed(what: str, where: Path, err: OSError) -> LlmkitError:
+def save_failed(what: str, where: Path, err: Exception) -> LlmkitError:
     """One line for a save that failed on the file system (disk full, read-only, permissions)."""
-    if err.errno == errno.ENOSPC:
+    code = getattr(err, "errno", None)
+    text = getattr(err, "strerror", None) or first_line(err)
+    if code == errno.ENOSPC or "No space left" in str(err):  # safetensors and torch.save report it as text
         fix = (
             f"free space on the disk holding {where} (or set trainer.save_total_limit lower), then resume with --resume"
         )
-    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
         fix = f"make {where} writable or choose another trainer.output_dir"
     else:
         fix = "check the output folder, then resume with --resume"
-    return LlmkitError(f"could not save {what} in {where}: {err.strerror or err}; {fix}")
+    return LlmkitError(f"could not save {what} in {where}: {text}; {fix}")
+
+
+def is_save_error(err: Exception) -> bool:
+    """A file-system failure while writing: OSError, or the text safetensors/torch.save wrap it in."""
+    if isinstance(err, OSError):
+        return True
+    text = str(err)
+    return any(s in text for s in ("No space left", "Read-only file system", "Permission denied", "Disk quota"))
 
 
 def drop_pickled_args(folder: Path) -> None:
@@ -95,7 +105,9 @@ class AtomicCheckpoints:
         self._staging_dir = str(staging)
         try:
             super()._save_checkpoint(model, trial)  # into .partial/checkpoint-N; rotates nothing there
-        except OSError as err:
+        except Exception as err:
+            if not is_save_error(err):
+                raise
             shutil.rmtree(staging, ignore_errors=True)
             raise save_failed(f"checkpoint {name}", run_dir, err) from err
         finally:

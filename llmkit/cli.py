@@ -106,15 +106,34 @@ def guarded(debug: bool, fn: Callable[[], Any]) -> Any:
         raise typer.Exit(130) from None
     except (typer.Exit, typer.Abort):
         raise
-    except BrokenPipeError:  # `llmkit recipes | head`: the reader left; nothing to say, and no one to say it to
+    except BrokenPipeError as e:
+        if not _stdout_reader_gone():
+            return _fail(e, debug)
+        # `llmkit recipes | head`: the reader left; nothing to say, and no one to say it to.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise typer.Exit(0) from None
     except Exception as e:  # noqa: BLE001 - the last line of defence: one line, not a traceback
-        if debug:
-            raise
-        first = first_line(e, default="")
-        typer.echo(f"error: {type(e).__name__}: {first} (run again with --debug for the traceback)", err=True)
-        raise typer.Exit(1) from None
+        return _fail(e, debug)
+
+
+def _fail(e: Exception, debug: bool) -> Any:
+    if debug:
+        raise e
+    first = first_line(e, default="")
+    typer.echo(f"error: {type(e).__name__}: {first} (run again with --debug for the traceback)", err=True)
+    raise typer.Exit(1) from None
+
+
+def _stdout_reader_gone() -> bool:
+    """True when stdout is a pipe whose reading end was closed (not some other broken pipe, e.g. a socket)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _load(recipe: Path, overrides: list[str] | None) -> Any:

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -317,7 +318,9 @@ def declare_loss_kwargs(model: Any) -> None:
         source = inspect.getsource(type(model).forward)
     except (OSError, TypeError):
         return
-    model.accepts_loss_kwargs = "loss_function" in source
+    # The count reaches the loss only through a `loss_function(..., **kwargs)` call; heads that call it
+    # without kwargs (the generic Llama/Qwen classifiers) or use their own CrossEntropyLoss take the mean.
+    model.accepts_loss_kwargs = re.search(r"loss_function\((?:[^()]|\([^()]*\))*\*\*kwargs", source) is not None
 
 
 def _attention(m: Any) -> dict:
@@ -352,6 +355,7 @@ def _encoder_decoder(recipe: Recipe, tokenizer: Any, meta: bool) -> Any:
         cfg.eos_token_id, cfg.pad_token_id = end, tokenizer.pad_token_id
     model.config.vocab_size = model.config.decoder.vocab_size
     configure_generation(model, recipe, tokenizer)
+    declare_loss_kwargs(model)
     return model
 
 

@@ -12,7 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from llmkit import __version__
-from llmkit.checkpoints import drop_pickled_args, last_checkpoint, save_failed, trainer_with_atomic_checkpoints
+from llmkit.checkpoints import (
+    drop_pickled_args,
+    is_save_error,
+    last_checkpoint,
+    save_failed,
+    trainer_with_atomic_checkpoints,
+)
 from llmkit.config import Recipe, dump_yaml, resolve
 from llmkit.errors import Interrupted, LlmkitError, RecipeError
 from llmkit.tasks import Task, get_task
@@ -219,6 +225,11 @@ def train(
     ckpt, wipe = (None, False) if dry_run else plan_output_dir(recipe, overwrite, resume)
     if args.resume_from_checkpoint and not dry_run:
         ckpt = chosen_checkpoint(Path(args.resume_from_checkpoint))
+        if wipe and ckpt.resolve().is_relative_to(recipe.output_dir.resolve()):
+            raise LlmkitError(
+                f"--overwrite would delete {ckpt}, the checkpoint trainer.resume_from_checkpoint names; "
+                "resume into another trainer.output_dir, or drop --overwrite"
+            )
     started = time.time()
     set_seed(args.seed)
     report: dict = {}
@@ -283,7 +294,9 @@ def train(
         raise Interrupted(f"stopped at step {trainer.state.global_step}; checkpoint saved in {saved}")
     try:
         trainer.save_model()
-    except OSError as err:
+    except Exception as err:
+        if not is_save_error(err):
+            raise
         raise save_failed("the final model", out, err) from err
     if trainer.is_world_process_zero():
         drop_pickled_args(out)

@@ -136,6 +136,14 @@ def predict_masked_positions_only(model: Any) -> Any:
     return model
 
 
+def _speed_up(recipe: Any, model: Any) -> None:
+    # Not under nn.DataParallel (several GPUs, one process): its replicas share the hooks' state across
+    # threads. Not for models that already predict only at masked positions (ModernBERT's sparse_prediction).
+    if (recipe.args is not None and recipe.args.n_gpu > 1) or getattr(model.config, "sparse_prediction", False):
+        return
+    predict_masked_positions_only(model)
+
+
 TASK = Task(
     name="mlm",
     main_metric="eval_perplexity",
@@ -150,6 +158,6 @@ TASK = Task(
     collator=_collator,
     corpus=lambda recipe, train: text_corpus(TASK.column(recipe, "text"))(recipe, train),
     validate=_validate,
-    prepare_model=lambda recipe, model: predict_masked_positions_only(model),
+    prepare_model=lambda recipe, model: _speed_up(recipe, model),
     perplexity=True,
 )

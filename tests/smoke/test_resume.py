@@ -171,6 +171,11 @@ def test_resume_from_a_named_checkpoint_into_a_new_folder(tmp_path):
     )
     assert summary["steps"] == 6
     _assert_same_run(reference, other, resumed_from=3)
+    # --overwrite on the run that holds the named checkpoint would delete it: refused, nothing deleted.
+    named = [f"trainer.resume_from_checkpoint={ckpt}"]
+    with pytest.raises(LlmkitError, match="--overwrite would delete"):
+        run.train(resolve(load_recipe(RECIPES / "tiny/gpt2.yaml", _overrides(reference, named))), overwrite=True)
+    assert (ckpt / "trainer_state.json").exists() and (reference / "summary.json").exists()
     with pytest.raises(LlmkitError, match="is not a complete checkpoint"):
         run.train(
             resolve(

@@ -375,3 +375,52 @@ def test_mlm_head_on_masked_positions_only_gives_the_same_loss_and_gradients():
     for (name, p), q in zip(plain.named_parameters(), fast.parameters(), strict=True):
         assert torch.allclose(p.grad, q.grad, atol=1e-6), name
     assert fast(input_ids=ids).logits.shape == (3, 12, 50)  # inference (no labels) is untouched
+
+
+def test_mlm_speed_up_stays_off_where_it_cannot_work(tokenizer):
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    cfg.sparse_prediction = True  # a model that already predicts only at masked positions (ModernBERT's flag)
+    model = BertForMaskedLM(cfg)
+    get_task("mlm").prepare_model(_mlm_recipe(), model)
+    ids = torch.randint(5, 50, (2, 8))
+    labels = torch.full_like(ids, IGNORE)
+    labels[0, 1] = 7
+    assert model(input_ids=ids, labels=labels).logits.shape == (2, 8, 50)  # hooks not installed
+
+
+def test_trainer_learns_which_losses_take_the_token_count():
+    import torch
+    import transformers
+
+    from llmkit.modeling import declare_loss_kwargs
+
+    tiny = {
+        "vocab_size": 50,
+        "hidden_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 32,
+    }
+    cases = [
+        ("BertForMaskedLM", transformers.BertConfig(**tiny), False),  # its own mean CrossEntropyLoss
+        ("BertForTokenClassification", transformers.BertConfig(**tiny), False),
+        ("LlamaForSequenceClassification", transformers.LlamaConfig(**tiny), False),  # loss_function without **kwargs
+        ("LlamaForCausalLM", transformers.LlamaConfig(**tiny), True),  # loss_function(..., **kwargs)
+    ]
+    for name, config, expected in cases:
+        with torch.device("meta"):
+            model = getattr(transformers, name)(config)
+        declare_loss_kwargs(model)
+        assert model.accepts_loss_kwargs is expected, name
+
+
+def test_save_errors_from_any_writer_are_one_line_with_the_fix(tmp_path):
+    from llmkit.checkpoints import is_save_error, save_failed
+
+    full = RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 128 vs 0: No space left on device")
+    assert is_save_error(full) and not is_save_error(RuntimeError("shape mismatch"))
+    message = str(save_failed("checkpoint checkpoint-6", tmp_path, full))
+    assert "\n" not in message and "free space on the disk holding" in message and "--resume" in message
