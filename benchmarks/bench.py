@@ -3,11 +3,11 @@
 Each workload trains the same model (a 4-layer, 256-wide BERT / GPT-2 / T5; seq 128; batch 32) on
 the same data from ../shared/data for the same steps, once with llmkit (every lever on, as
 shipped) and with the reference (benchmarks/workers.py: what `examples/pytorch` does) in fp32 and
-with --bf16; the three runs of a workload follow each other, so drift hits them alike. Each run is a
-fresh process: samples/s and tokens/s over the steps after warm-up, time from process start to the first
-optimizer step, evaluation throughput, the final eval loss/metric (same steps, so they should
-agree within noise), peak RSS, and model FLOPs utilisation against the bf16 matmul peak measured
-here. Writes benchmarks/results.json and benchmarks/results.md.
+with --bf16; the three runs of a workload follow each other, so drift hits them alike. Each run is
+a fresh process: samples/s and tokens/s of the median step after warm-up, time from process start
+to the first optimizer step, evaluation throughput, the final eval loss/metric (same steps, so they
+should agree within noise), peak RSS, and model FLOPs utilisation against the bf16 matmul peak
+measured here. Writes benchmarks/results.json and benchmarks/results.md.
 
     python benchmarks/bench.py [mlm clm classification ner summarization] [--steps N] [--warmup N]
 """

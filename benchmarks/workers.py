@@ -54,13 +54,16 @@ def timer(warmup: int):
                 self.first_step = time.time()
 
         def result(self, samples_per_step: int) -> dict:
+            # The median step, not the mean: a hiccup of this shared VM in one step must not move the number.
             n = len(self.ends) - 1 - warmup
-            dt = self.ends[-1] - self.ends[warmup]
-            tokens = self.tokens[-1] - self.tokens[warmup]
+            durations = sorted(b - a for a, b in zip(self.ends[warmup:], self.ends[warmup + 1 :], strict=False))
+            median = durations[len(durations) // 2]
+            tokens_per_step = (self.tokens[-1] - self.tokens[warmup]) / n
             return {
                 "measured_steps": n,
-                "samples_per_s": n * samples_per_step / dt,
-                "tokens_per_s": tokens / dt if tokens else None,
+                "samples_per_s": samples_per_step / median,
+                "samples_per_s_mean": n * samples_per_step / (self.ends[-1] - self.ends[warmup]),
+                "tokens_per_s": tokens_per_step / median if tokens_per_step else None,
                 "first_step_s": self.first_step - _process_start(),
             }
 
