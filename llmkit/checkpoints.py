@@ -15,6 +15,8 @@ import errno
 import logging
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,19 @@ def is_save_error(err: Exception) -> bool:
         return True
     text = str(err)
     return any(s in text for s in ("No space left", "Read-only file system", "Permission denied", "Disk quota"))
+
+
+@contextmanager
+def saving(what: str, where: Path, partial: Path | None = None) -> Iterator[None]:
+    """Turn a file-system failure inside the block into one line (save_failed); remove `partial` then."""
+    try:
+        yield
+    except Exception as err:
+        if not is_save_error(err):
+            raise
+        if partial is not None:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise save_failed(what, where, err) from err
 
 
 def drop_pickled_args(folder: Path) -> None:
@@ -104,12 +119,8 @@ class AtomicCheckpoints:
         self._wait()
         self._staging_dir = str(staging)
         try:
-            super()._save_checkpoint(model, trial)  # into .partial/checkpoint-N; rotates nothing there
-        except Exception as err:
-            if not is_save_error(err):
-                raise
-            shutil.rmtree(staging, ignore_errors=True)
-            raise save_failed(f"checkpoint {name}", run_dir, err) from err
+            with saving(f"checkpoint {name}", run_dir, partial=staging):
+                super()._save_checkpoint(model, trial)  # into .partial/checkpoint-N; rotates nothing there
         finally:
             self._staging_dir = None
         self._wait()  # every rank has written its RNG state

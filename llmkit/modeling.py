@@ -249,6 +249,12 @@ def build_model(recipe: Recipe, task: Task, tokenizer: Any, extra: dict | None =
 
     With meta=True the model lives on the meta device: no memory, for counting parameters.
     """
+    model = _build_model(recipe, task, tokenizer, extra, meta)
+    declare_loss_kwargs(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    return model
+
+
+def _build_model(recipe: Recipe, task: Task, tokenizer: Any, extra: dict | None, meta: bool) -> Any:
     import torch
 
     m = recipe.model
@@ -259,16 +265,11 @@ def build_model(recipe: Recipe, task: Task, tokenizer: Any, extra: dict | None =
         if meta:
             with torch.device("meta"):
                 return auto.from_config(_adapter_base_config(Path(m.name_or_path)))
-        model = load_adapter_run(Path(m.name_or_path), auto, tokenizer)
-        declare_loss_kwargs(model.get_base_model())
-        return model
+        return load_adapter_run(Path(m.name_or_path), auto, tokenizer)
     config = build_config(recipe, task, tokenizer, extra or {})
     if meta:
         with torch.device("meta"):
-            try:
-                return auto.from_config(config, **_attention(m))
-            except ValueError as e:
-                raise RecipeError(f"model: {first_line(e)}") from None
+            return _from_config(auto, config, m)
     if m.name_or_path:
         try:
             # A new head (its labels differ from the checkpoint's) starts random instead of failing.
@@ -292,14 +293,18 @@ def build_model(recipe: Recipe, task: Task, tokenizer: Any, extra: dict | None =
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(tokenizer))
     else:
-        try:
-            model = auto.from_config(config, **_attention(m))
-        except ValueError as e:
-            raise RecipeError(f"model: {first_line(e)}") from None
+        model = _from_config(auto, config, m)
     if task.seq2seq:
         configure_generation(model, recipe, tokenizer)
-    declare_loss_kwargs(model)
     return model
+
+
+def _from_config(auto: Any, config: Any, m: Any) -> Any:
+    """auto.from_config with the recipe's attention implementation; a value transformers rejects is a recipe error."""
+    try:
+        return auto.from_config(config, **_attention(m))
+    except ValueError as e:
+        raise RecipeError(f"model: {first_line(e)}") from None
 
 
 def declare_loss_kwargs(model: Any) -> None:
@@ -355,7 +360,6 @@ def _encoder_decoder(recipe: Recipe, tokenizer: Any, meta: bool) -> Any:
         cfg.eos_token_id, cfg.pad_token_id = end, tokenizer.pad_token_id
     model.config.vocab_size = model.config.decoder.vocab_size
     configure_generation(model, recipe, tokenizer)
-    declare_loss_kwargs(model)
     return model
 
 

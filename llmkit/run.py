@@ -12,13 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from llmkit import __version__
-from llmkit.checkpoints import (
-    drop_pickled_args,
-    is_save_error,
-    last_checkpoint,
-    save_failed,
-    trainer_with_atomic_checkpoints,
-)
+from llmkit.checkpoints import drop_pickled_args, last_checkpoint, saving, trainer_with_atomic_checkpoints
 from llmkit.config import Recipe, dump_yaml, resolve
 from llmkit.errors import Interrupted, LlmkitError, RecipeError
 from llmkit.tasks import Task, get_task
@@ -292,12 +286,8 @@ def train(
     if stopper.stopped:
         saved = last_checkpoint(out)
         raise Interrupted(f"stopped at step {trainer.state.global_step}; checkpoint saved in {saved}")
-    try:
+    with saving("the final model", out):
         trainer.save_model()
-    except Exception as err:
-        if not is_save_error(err):
-            raise
-        raise save_failed("the final model", out, err) from err
     if trainer.is_world_process_zero():
         drop_pickled_args(out)
     train_metrics = dict(result.metrics)

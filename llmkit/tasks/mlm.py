@@ -25,6 +25,19 @@ def _need_mask_token(tokenizer: Any) -> None:
         raise RecipeError("the tokenizer has no mask token, which masked LM needs; use a BERT/RoBERTa tokenizer")
 
 
+def _seed_masks(collator: Any, value: int) -> None:
+    """Make `collator` mask with a generator seeded by `value` instead of the global RNG.
+
+    DataCollatorForLanguageModeling keeps a generator it finds while the process id matches.
+    """
+    import os
+
+    import torch
+
+    collator.generator = torch.Generator().manual_seed(value)
+    collator._generator_pid = os.getpid()
+
+
 def _collator(recipe: Any, tokenizer: Any, model: Any) -> Any:
     """A DataCollatorForLanguageModeling whose masks depend on the batch, not on a random stream.
 
@@ -37,7 +50,6 @@ def _collator(recipe: Any, tokenizer: Any, model: Any) -> Any:
     the same masks, so perplexities compare across steps and runs.
     """
     import hashlib
-    import os
 
     import numpy as np
     import torch
@@ -53,9 +65,7 @@ def _collator(recipe: Any, tokenizer: Any, model: Any) -> Any:
             digest = hashlib.blake2b(digest_size=8)
             for e in examples:
                 digest.update(np.asarray(e["input_ids"], dtype=np.int64).tobytes())
-            key = int.from_bytes(digest.digest(), "little") >> 1
-            self.generator = torch.Generator().manual_seed(key ^ seed)
-            self._generator_pid = os.getpid()
+            _seed_masks(self, (int.from_bytes(digest.digest(), "little") >> 1) ^ seed)
             return super().torch_call(examples)
 
     return MaskingCollator(tokenizer, mlm=True, mlm_probability=recipe.options.mlm_probability)
@@ -78,8 +88,7 @@ def _preprocess(recipe: Any, ds: Any, tokenizer: Any) -> Any:
         import torch
 
         # Seeded by position, not by call order: the same masks with any num_proc and on every run.
-        masker.generator = torch.Generator().manual_seed(seed * 1_000_003 + indices[0])
-        masker._generator_pid = __import__("os").getpid()
+        _seed_masks(masker, seed * 1_000_003 + indices[0])
         ids, labels = masker.torch_mask_tokens(
             torch.tensor(batch["input_ids"]), special_tokens_mask=torch.tensor(batch["special_tokens_mask"])
         )
