@@ -216,6 +216,7 @@ class ModelSection:
     revision: str | None = None
     trust_remote_code: bool = False
     attn_implementation: str | None = None  # eager | sdpa | flash_attention_2 | ...; None: transformers' choice
+    fast_dropout: bool = True  # CPU training: dropout masks from 16 random bits (llmkit/fastdropout.py); false: torch's
     quantization: dict | None = None  # transformers.BitsAndBytesConfig kwargs (QLoRA): needs CUDA + bitsandbytes
 
 

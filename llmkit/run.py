@@ -245,6 +245,10 @@ def train(
             PartialState().wait_for_everyone()
     if recipe.lora is not None:
         model = modeling.apply_lora(model, recipe, out if args.process_index == 0 else None)
+    if recipe.model.fast_dropout and args.use_cpu and not args.torch_compile:  # inductor fuses its own dropout
+        from llmkit import fastdropout
+
+        fastdropout.install(model)
     trainable, total = modeling.count_parameters(model)
     log.info(
         "Model %s: %s parameters, %s trainable (%.2f%%)",

@@ -95,6 +95,35 @@ def test_ner_finetune_evaluate_predict(tmp_path):
     assert all({"type", "start", "end", "text"} == set(e) for p in preds for e in p["entities"])
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_cpu_training_uses_the_fast_dropout_unless_turned_off(tmp_path, fast):
+    from transformers import TrainerCallback
+
+    from llmkit.fastdropout import ATTENTION, FastDropout
+
+    seen = {}
+
+    class Look(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            seen["layers"] = sum(isinstance(m, FastDropout) for m in model.modules())
+            seen["attention"] = model.config._attn_implementation
+
+    recipe = resolve(
+        load_recipe(
+            RECIPES / "tiny" / "ner.yaml",
+            [
+                f"trainer.output_dir={tmp_path}",
+                "trainer.max_steps=1",
+                "model.attn_implementation=eager",
+                f"model.fast_dropout={str(fast).lower()}",
+            ],  # fmt: skip
+        )
+    )
+    run.train(recipe, callbacks=[Look()])
+    assert (seen["layers"] > 0) == fast and (seen["attention"] == ATTENTION) == fast
+    assert ATTENTION not in (tmp_path / "config.json").read_text()
+
+
 def test_summarization_finetune_evaluate_predict(tmp_path):
     out = tmp_path / "sum"
     summary = _train("summarization", out)

@@ -1,0 +1,134 @@
+"""llmkit/fastdropout.py: the CPU dropout keeps torch's semantics (rate, scale, gradient, seeding)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmkit import fastdropout
+from llmkit.fastdropout import FastDropout, dropout
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_drop_rate_and_scale_match_torch(dtype, p):
+    torch.manual_seed(0)
+    x = torch.ones(400_000, dtype=dtype)
+    y = dropout(x, p)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - p) < 0.005  # the standard error is < 0.0008
+    kept = y[y != 0]
+    # kept values are scaled exactly as torch scales them (rounded once into the dtype)
+    reference = F.dropout(x, p, True)
+    assert torch.equal(kept.unique(), reference[reference != 0].unique())
+    assert kept.dtype == dtype and y.shape == x.shape
+
+
+def test_every_element_position_and_bit_slice_is_dropped_alike():
+    # four elements share one 64-bit draw: each of the four 16-bit slices must be equally random
+    torch.manual_seed(1)
+    y = dropout(torch.ones(4 * 100_000), 0.25).view(-1, 4)
+    rates = (y == 0).float().mean(0)
+    assert torch.all((rates - 0.25).abs() < 0.01), rates
+
+
+def test_gradient_goes_through_the_same_mask():
+    torch.manual_seed(0)
+    x = torch.randn(64, 33, requires_grad=True)  # odd size: the last 64-bit draw is only partly used
+    y = dropout(x, 0.3)
+    g = torch.randn_like(y)
+    y.backward(g)
+    kept = y != 0
+    assert torch.allclose(x.grad, torch.where(kept, g / 0.7, torch.zeros_like(g)))
+    assert torch.allclose(y, torch.where(kept, x / 0.7, torch.zeros_like(x)))
+
+
+def test_masks_follow_the_global_seed():
+    x = torch.ones(1000)
+    torch.manual_seed(3)
+    a = dropout(x, 0.1)
+    torch.manual_seed(3)
+    b = dropout(x, 0.1)
+    c = dropout(x, 0.1)
+    assert torch.equal(a, b) and not torch.equal(b, c)
+
+
+def test_torch_runs_where_the_fast_path_does_not_apply():
+    x = torch.randn(10)
+    assert dropout(x, 0.1, training=False) is x
+    assert dropout(x, 0.0) is x
+    assert torch.equal(dropout(x, 1.0), torch.zeros(10))
+    y = x.clone()
+    dropout(y, 0.5, inplace=True)  # torch's in-place dropout
+    assert ((y == 0) | torch.isclose(y, 2 * x)).all() and (y == 0).any()
+    with pytest.raises(ValueError):
+        dropout(x, 1.5)
+
+
+def _tiny(kind: str, attn: str = "eager"):
+    import transformers
+
+    configs = {
+        "t5": transformers.T5Config(
+            vocab_size=64, d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2, decoder_start_token_id=0
+        ),
+        "bert": transformers.BertConfig(
+            vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+        ),
+        "gpt2": transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2),
+    }
+    auto = {"t5": "AutoModelForSeq2SeqLM", "bert": "AutoModelForMaskedLM", "gpt2": "AutoModelForCausalLM"}[kind]
+    return getattr(transformers, auto).from_config(configs[kind], attn_implementation=attn)
+
+
+def _batch(kind):
+    ids = torch.randint(1, 64, (2, 12))
+    batch = {"input_ids": ids, "labels": ids}
+    if kind == "t5":
+        batch["labels"] = ids[:, :5].contiguous()
+    return batch
+
+
+@pytest.mark.parametrize("kind", ["t5", "bert", "gpt2"])
+def test_install_covers_dropout_layers_and_attention_probabilities(kind, monkeypatch):
+    model = _tiny(kind)
+    before = sum(type(m) is nn.Dropout for m in model.modules())
+    assert fastdropout.install(model) == before > 0
+    assert not any(type(m) is nn.Dropout for m in model.modules())
+    assert model.config._attn_implementation == fastdropout.ATTENTION
+
+    calls = []
+    real = fastdropout._MaskedScale.apply
+    monkeypatch.setattr(fastdropout._MaskedScale, "apply", lambda *a: calls.append(a[0].shape) or real(*a))
+    layer_calls = []
+    for m in model.modules():
+        if isinstance(m, FastDropout) and m.p > 0:
+            m.register_forward_hook(lambda *_: layer_calls.append(1))
+    attention_layers = {"t5": 3, "bert": 1, "gpt2": 1}[kind]  # T5: encoder, decoder and cross attention
+    model.train()
+    loss = model(**_batch(kind)).loss
+    loss.backward()
+    assert len(calls) == len(layer_calls) + attention_layers
+    assert sum(len(s) == 4 for s in calls) == attention_layers  # attention probabilities: [batch, heads, q, k]
+
+
+@pytest.mark.parametrize("kind", ["t5", "bert"])
+def test_install_changes_nothing_in_eval_and_is_not_saved(kind, tmp_path):
+    torch.manual_seed(0)
+    model = _tiny(kind).eval()
+    batch = _batch(kind)
+    with torch.no_grad():
+        before = model(**batch).logits
+    fastdropout.install(model)
+    with torch.no_grad():
+        after = model(**batch).logits
+    assert torch.allclose(before, after, atol=1e-6)
+    model.save_pretrained(tmp_path)
+    assert fastdropout.ATTENTION not in (tmp_path / "config.json").read_text()
+
+
+def test_sdpa_models_keep_their_attention(tmp_path):
+    model = _tiny("bert", attn="sdpa")
+    fastdropout.install(model)
+    assert model.config._attn_implementation == "sdpa"
+    assert any(isinstance(m, FastDropout) for m in model.modules())
