@@ -39,15 +39,15 @@ class _MaskedScale(torch.autograd.Function):
         n = x.numel()
         words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
         bits = words.view(torch.int16)[:n].view(x.shape)  # uniform over [-32768, 32767]
-        keep = (bits >= -32768 + round(p * 65536)).to(x.dtype)  # 0/1 are exact in every float dtype
+        keep = bits >= -32768 + round(p * 65536)
         ctx.scale = 1.0 / (1.0 - p)  # a Python float: the product is rounded once, as torch's dropout does
-        ctx.save_for_backward(keep)
-        return (x * keep).mul_(ctx.scale)
+        ctx.save_for_backward(keep)  # one byte per element, as torch's dropout keeps
+        return (x * keep.to(x.dtype)).mul_(ctx.scale)  # 0/1 are exact in every float dtype
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (keep,) = ctx.saved_tensors
-        return (grad * keep).mul_(ctx.scale), None
+        return (grad * keep.to(grad.dtype)).mul_(ctx.scale), None
 
 
 def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
