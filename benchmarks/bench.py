@@ -92,7 +92,6 @@ WORKLOADS = {
             "model.config.d_kv=64",
             "model.config.num_layers=4",
             "model.config.num_heads=4",
-            "model.attn_implementation=eager",  # on CPU at 128 tokens (and SDPA with dropout falls back to math)
             "tokenizer.train.type=unigram",
             "tokenizer.train.vocab_size=8000",
             "data.load=null",

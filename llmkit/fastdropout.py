@@ -12,7 +12,8 @@ resume behave as before; the masks themselves differ from torch's.
 `install(model)` turns the model's `nn.Dropout` layers into `FastDropout` (same module, same
 `p`, a subclass: isinstance checks and state dicts are unchanged) and, for models that run the
 eager attention through transformers' AttentionInterface, registers `llmkit_eager`: the model's
-own eager attention, with its functional dropout on the attention probabilities routed here.
+own eager attention, with its functional dropout on the attention probabilities routed here
+(also chosen instead of SDPA when the recipe names no attention and the model drops attention).
 On any other device, in eval mode, for in-place or non-float dropout, torch's own runs.
 `model.fast_dropout: false` in a recipe keeps torch's dropout everywhere.
 """
@@ -99,11 +100,24 @@ def _register_attention() -> None:
     AttentionMaskInterface.register(ATTENTION, eager_mask)
 
 
-def install(model: nn.Module) -> int:
+_ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attn_pdrop", "attention_dropout", "dropout_rate")
+
+
+def _attention_dropout(config: Any) -> float:
+    """The largest attention dropout a config (or its encoder/decoder configs) names; 0.0 if none."""
+    configs = [config, getattr(config, "encoder", None), getattr(config, "decoder", None)]
+    values = [getattr(c, k, None) for c in configs for k in _ATTENTION_DROPOUT_KEYS if c is not None]
+    return max([v for v in values if isinstance(v, int | float)], default=0.0)
+
+
+def install(model: nn.Module, choose_attention: bool = False) -> int:
     """Use the fast dropout in `model` (in place); returns how many dropout layers it now covers.
 
     Attention-probability dropout is covered when the model runs transformers' eager attention
     from a modeling file that defines `eager_attention_forward` (BERT, GPT-2, T5, Llama, ...).
+    With `choose_attention` (the recipe named no attention implementation), a model on SDPA that
+    has attention dropout moves to that eager attention too: SDPA on CPU cannot drop inside its
+    fused kernel and falls back to the same eager computation (with torch's slow masks).
     """
     swapped = 0
     for module in model.modules():
@@ -112,8 +126,10 @@ def install(model: nn.Module) -> int:
             swapped += 1
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a PEFT wrapper
     config = getattr(base, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    wanted = current == "eager" or (choose_attention and current == "sdpa" and _attention_dropout(config) > 0)
     if (
-        getattr(config, "_attn_implementation", None) == "eager"
+        wanted
         and hasattr(base, "set_attn_implementation")
         and any(_eager_of(m) is not None and hasattr(m, "config") for m in base.modules())
     ):
@@ -121,5 +137,5 @@ def install(model: nn.Module) -> int:
         try:
             base.set_attn_implementation(ATTENTION)
         except (ValueError, KeyError, AttributeError):  # a model that does not dispatch through the interface
-            base.set_attn_implementation("eager")
+            base.set_attn_implementation(current)
     return swapped

@@ -248,7 +248,7 @@ def train(
     if recipe.model.fast_dropout and args.use_cpu and not args.torch_compile:  # inductor fuses its own dropout
         from llmkit import fastdropout
 
-        fastdropout.install(model)
+        fastdropout.install(model, choose_attention=recipe.model.attn_implementation is None)
     trainable, total = modeling.count_parameters(model)
     log.info(
         "Model %s: %s parameters, %s trainable (%.2f%%)",

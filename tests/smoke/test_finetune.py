@@ -96,7 +96,7 @@ def test_ner_finetune_evaluate_predict(tmp_path):
 
 
 @pytest.mark.parametrize("fast", [True, False])
-def test_cpu_training_uses_the_fast_dropout_unless_turned_off(tmp_path, fast):
+def test_cpu_training_uses_the_fast_dropout_unless_turned_off(tmp_path, fast):  # attention unnamed: llmkit picks
     from transformers import TrainerCallback
 
     from llmkit.fastdropout import ATTENTION, FastDropout

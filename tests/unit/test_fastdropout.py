@@ -127,8 +127,17 @@ def test_install_changes_nothing_in_eval_and_is_not_saved(kind, tmp_path):
     assert fastdropout.ATTENTION not in (tmp_path / "config.json").read_text()
 
 
-def test_sdpa_models_keep_their_attention(tmp_path):
+def test_sdpa_is_left_alone_when_named_or_without_attention_dropout():
     model = _tiny("bert", attn="sdpa")
-    fastdropout.install(model)
+    fastdropout.install(model)  # the recipe named sdpa
     assert model.config._attn_implementation == "sdpa"
     assert any(isinstance(m, FastDropout) for m in model.modules())
+
+    model = _tiny("bert", attn="sdpa")
+    model.config.attention_probs_dropout_prob = 0.0
+    fastdropout.install(model, choose_attention=True)  # nothing to drop: SDPA's fused kernel stays
+    assert model.config._attn_implementation == "sdpa"
+
+    model = _tiny("t5", attn="sdpa")
+    fastdropout.install(model, choose_attention=True)  # SDPA would fall back to the math path to drop
+    assert model.config._attn_implementation == fastdropout.ATTENTION
