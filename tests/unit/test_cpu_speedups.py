@@ -1,4 +1,4 @@
-"""llmkit/fastdropout.py: the CPU dropout keeps torch's semantics (rate, scale, gradient, seeding)."""
+"""CPU training speed-ups: the fast dropout keeps torch's semantics (rate, scale, gradient, seeding); allocator settings."""
 
 import pytest
 import torch
@@ -141,3 +141,25 @@ def test_sdpa_is_left_alone_when_named_or_without_attention_dropout():
     model = _tiny("t5", attn="sdpa")
     fastdropout.install(model, choose_attention=True)  # SDPA would fall back to the math path to drop
     assert model.config._attn_implementation == fastdropout.ATTENTION
+
+
+def test_training_keeps_freed_memory_for_reuse_unless_opted_out(monkeypatch):
+    import ctypes
+
+    from llmkit import run
+
+    calls = []
+
+    class Libc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: Libc())
+    monkeypatch.setattr("sys.platform", "linux")
+    run.keep_freed_memory()
+    assert calls == [(-3, 64 << 20), (-1, 1 << 30)]  # M_MMAP_THRESHOLD 64 MiB, M_TRIM_THRESHOLD 1 GiB
+    calls.clear()
+    monkeypatch.setenv("LLMKIT_MALLOC", "default")
+    run.keep_freed_memory()
+    assert calls == []
