@@ -4,23 +4,25 @@ torch's CPU dropout draws every element's keep/drop with `bernoulli_`, one doubl
 uniform per element from the Mersenne Twister: at p=0.1 that is a third of a T5 training step
 and a quarter of a BERT one on this kind of machine. Here each element gets 16 random bits
 instead (four elements per 64-bit draw of the same generator) and is dropped when they fall
-below round(p * 65536): the drop rate is p to within 1/65536 (0.1 -> 0.1000061), the kept
-values are scaled by 1/(1-p) as torch does, and the gradient goes through the same mask. The
-masks come from torch's default generator, so `set_seed`, checkpointed RNG states and exact
-resume behave as before; the masks themselves differ from torch's.
+below round(p * 65536): the drop rate is p to within 1/131072 (0.1 -> 0.1000061), kept values
+are x / (1-p) rounded once into the dtype (torch rounds 1/(1-p) into bf16 first: 1.109375 instead
+of 1.1111 at p=0.1), and the gradient goes through the same mask, kept as one byte per element.
+The masks come from torch's default generator, so `set_seed`, checkpointed RNG states and exact
+resume behave as before; the masks themselves differ from torch's (a run resumed with the other
+setting continues correctly, not bit for bit). Rates outside [1/256, 1 - 1/256], eval mode,
+in-place or non-float dropout and other devices go to torch.
 
-`install(model)` turns the model's `nn.Dropout` layers into `FastDropout` (same module, same
-`p`, a subclass: isinstance checks and state dicts are unchanged) and, for models that run the
-eager attention through transformers' AttentionInterface, registers `llmkit_eager`: the model's
-own eager attention, with its functional dropout on the attention probabilities routed here
-(also chosen instead of SDPA when the recipe names no attention and the model drops attention).
-On any other device, in eval mode, for in-place or non-float dropout, torch's own runs.
-`model.fast_dropout: false` in a recipe keeps torch's dropout everywhere.
+`install(model)` turns the model's `nn.Dropout` layers into `FastDropout` (a subclass with the
+same `p`: isinstance checks and state dicts are unchanged) and, in the attention modules (those
+whose forward dispatches through transformers' AttentionInterface or calls the functional
+dropout itself), routes `F.dropout` to the fast one while the module runs: that is where eager
+attention drops attention probabilities. `model.fast_dropout: false` keeps torch's dropout.
 """
 
 from __future__ import annotations
 
-import sys
+import contextlib
+import inspect
 from typing import Any
 
 import torch
@@ -29,7 +31,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 _torch_dropout = F.dropout
-ATTENTION = "llmkit_eager"
+_LOWEST = 1 / 256  # below it (and above 1 - it) 16 bits would misstate the rate by more than 0.2%
 
 
 class _MaskedScale(torch.autograd.Function):
@@ -41,8 +43,8 @@ class _MaskedScale(torch.autograd.Function):
         words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
         bits = words.view(torch.int16)[:n].view(x.shape)  # uniform over [-32768, 32767]
         keep = bits >= -32768 + round(p * 65536)
-        ctx.scale = 1.0 / (1.0 - p)  # a Python float: the product is rounded once, as torch's dropout does
-        ctx.save_for_backward(keep)  # one byte per element, as torch's dropout keeps
+        ctx.scale = 1.0 / (1.0 - p)  # a Python float: x * scale is rounded once into x's dtype
+        ctx.save_for_backward(keep)  # one byte per element (torch's CPU dropout keeps a mask in x's dtype)
         return (x * keep.to(x.dtype)).mul_(ctx.scale)  # 0/1 are exact in every float dtype
 
     @staticmethod
@@ -53,7 +55,8 @@ class _MaskedScale(torch.autograd.Function):
 
 def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
     """`torch.nn.functional.dropout` with the fast mask on CPU; torch's own for everything else."""
-    if training and 0.0 < p < 1.0 and not inplace and input.device.type == "cpu" and input.is_floating_point():
+    fast = training and _LOWEST <= p <= 1.0 - _LOWEST and not inplace
+    if fast and input.device.type == "cpu" and input.is_floating_point():
         return _MaskedScale.apply(input, p)
     return _torch_dropout(input, p, training, inplace)
 
@@ -66,38 +69,12 @@ class FastDropout(nn.Dropout):
 
 
 class _FunctionalDropout(TorchFunctionMode):
-    """Routes `F.dropout` calls made while it is active (inside an attention function) to `dropout`."""
+    """Routes `F.dropout` calls made while it is active (inside an attention module) to `dropout`."""
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         if func is _torch_dropout:
             return dropout(*args, **(kwargs or {}))
         return func(*args, **(kwargs or {}))
-
-
-def _eager_of(module: nn.Module) -> Any:
-    """The eager attention function of the modeling file that defines `module`'s class."""
-    return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
-
-
-def _attention(module: nn.Module, query: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-    eager = _eager_of(module)
-    if eager is None:
-        raise RuntimeError(
-            f"{type(module).__name__} has no eager_attention_forward beside it for llmkit's fast dropout; "
-            "set model.fast_dropout=false"
-        )
-    if kwargs.get("dropout") and module.training and query.device.type == "cpu":
-        with _FunctionalDropout():
-            return eager(module, query, *args, **kwargs)
-    return eager(module, query, *args, **kwargs)
-
-
-def _register_attention() -> None:
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import eager_mask
-
-    AttentionInterface.register(ATTENTION, _attention)
-    AttentionMaskInterface.register(ATTENTION, eager_mask)
 
 
 _ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attn_pdrop", "attention_dropout", "dropout_rate")
@@ -110,14 +87,34 @@ def _attention_dropout(config: Any) -> float:
     return max([v for v in values if isinstance(v, int | float)], default=0.0)
 
 
+def _drops_functionally(cls: type) -> bool:
+    """Whether `cls.forward` hands attention to transformers' AttentionInterface or calls F.dropout."""
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    return any(s in source for s in ("get_interface(", "functional.dropout(", "F.dropout("))
+
+
+def _enter(module: nn.Module, args: Any) -> None:
+    if module.training:
+        module._llmkit_dropout_mode = mode = _FunctionalDropout()
+        mode.__enter__()
+
+
+def _leave(module: nn.Module, args: Any, output: Any) -> None:
+    mode = module.__dict__.pop("_llmkit_dropout_mode", None)
+    if mode is not None:
+        mode.__exit__(None, None, None)
+
+
 def install(model: nn.Module, choose_attention: bool = False) -> int:
     """Use the fast dropout in `model` (in place); returns how many dropout layers it now covers.
 
-    Attention-probability dropout is covered when the model runs transformers' eager attention
-    from a modeling file that defines `eager_attention_forward` (BERT, GPT-2, T5, Llama, ...).
     With `choose_attention` (the recipe named no attention implementation), a model on SDPA that
-    has attention dropout moves to that eager attention too: SDPA on CPU cannot drop inside its
-    fused kernel and falls back to the same eager computation (with torch's slow masks).
+    drops attention probabilities moves to eager attention: SDPA on CPU cannot drop inside its fused
+    kernel and falls back to that same computation, with torch's slow masks. It stays eager for the
+    evaluations after training too (at these lengths on CPU eager is as fast; name one to keep it).
     """
     swapped = 0
     for module in model.modules():
@@ -126,16 +123,21 @@ def install(model: nn.Module, choose_attention: bool = False) -> int:
             swapped += 1
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a PEFT wrapper
     config = getattr(base, "config", None)
-    current = getattr(config, "_attn_implementation", None)
-    wanted = current == "eager" or (choose_attention and current == "sdpa" and _attention_dropout(config) > 0)
     if (
-        wanted
+        choose_attention
+        and getattr(config, "_attn_implementation", None) == "sdpa"
+        and _attention_dropout(config) > 0
         and hasattr(base, "set_attn_implementation")
-        and any(_eager_of(m) is not None and hasattr(m, "config") for m in base.modules())
     ):
-        _register_attention()
-        try:
-            base.set_attn_implementation(ATTENTION)
-        except (ValueError, KeyError, AttributeError):  # a model that does not dispatch through the interface
-            base.set_attn_implementation(current)
+        with contextlib.suppress(ValueError, KeyError, AttributeError):  # no eager attention: keep SDPA
+            base.set_attn_implementation("eager")
+    checked: dict[type, bool] = {}
+    for module in model.modules():
+        cls = type(module)
+        if cls not in checked:
+            checked[cls] = not isinstance(module, nn.Dropout) and _drops_functionally(cls)
+        if checked[cls] and not hasattr(module, "_llmkit_fast_dropout"):
+            module._llmkit_fast_dropout = True
+            module.register_forward_pre_hook(_enter)
+            module.register_forward_hook(_leave, always_call=True)  # also when the forward raises
     return swapped
