@@ -22,7 +22,6 @@ attention drops attention probabilities. `model.fast_dropout: false` keeps torch
 from __future__ import annotations
 
 import contextlib
-import inspect
 from typing import Any
 
 import torch
@@ -89,10 +88,9 @@ def _attention_dropout(config: Any) -> float:
 
 def _drops_functionally(cls: type) -> bool:
     """Whether `cls.forward` hands attention to transformers' AttentionInterface or calls F.dropout."""
-    try:
-        source = inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        return False
+    from llmkit.modeling import forward_source
+
+    source = forward_source(cls) or ""
     return any(s in source for s in ("get_interface(", "functional.dropout(", "F.dropout("))
 
 

@@ -307,6 +307,16 @@ def _from_config(auto: Any, config: Any, m: Any) -> Any:
         raise RecipeError(f"model: {first_line(e)}") from None
 
 
+def forward_source(cls: type) -> str | None:
+    """The source code of `cls.forward`, or None where Python cannot show it (compiled, built at runtime)."""
+    import inspect
+
+    try:
+        return inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return None
+
+
 def declare_loss_kwargs(model: Any) -> None:
     """Tell the Trainer whether the model's loss uses `num_items_in_batch` (`accepts_loss_kwargs`).
 
@@ -315,13 +325,10 @@ def declare_loss_kwargs(model: Any) -> None:
     global count. Models that compute their own mean loss (BERT's heads: CrossEntropyLoss) ignore
     that count, so their loss, its gradients and the logged values came out world-size times too big.
     """
-    import inspect
-
     if hasattr(model, "accepts_loss_kwargs"):
         return
-    try:
-        source = inspect.getsource(type(model).forward)
-    except (OSError, TypeError):
+    source = forward_source(type(model))
+    if source is None:
         return
     # The count reaches the loss only through a `loss_function(..., **kwargs)` call; heads that call it
     # without kwargs (the generic Llama/Qwen classifiers) or use their own CrossEntropyLoss take the mean.
