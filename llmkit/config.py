@@ -152,7 +152,7 @@ def load_raw(path: str | Path, _stack: tuple[Path, ...] = ()) -> dict:
     except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
         where = f" (extends: in {_stack[-1]})" if _stack else ""
         why = getattr(e, "strerror", None) or first_line(e)  # not str(e): an OSError repeats the (long) name
-        raise RecipeError(f"bad recipe path {_show(str(path), 200)}{where}: {why}; check the file name") from None
+        raise RecipeError(f"bad recipe path {show(str(path), 200)}{where}: {why}; check the file name") from None
     if resolved in _stack:
         cycle = (*_stack[_stack.index(resolved) :], resolved)
         chain = " -> ".join(p.name for p in cycle)
@@ -288,7 +288,7 @@ def suggest(key: str, valid: typing.Iterable[str]) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
-def _show(value: Any, limit: int = 80) -> str:
+def show(value: Any, limit: int = 80) -> str:
     """repr() of a value from the recipe, cut short: an error message stays one readable line."""
     text = repr(value)
     return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
@@ -323,7 +323,7 @@ def _type_name(tp: Any) -> str:
 def _check_value(value: Any, tp: Any, dotted: str) -> None:
     """RecipeError unless `value` fits `tp`; NaN and infinity are never a setting."""
     if not check_type(value, tp):
-        raise RecipeError(f"{dotted} must be {_type_name(tp)}, got {_show(value)}")
+        raise RecipeError(f"{dotted} must be {_type_name(tp)}, got {show(value)}")
     if isinstance(value, float) and not math.isfinite(value):
         raise RecipeError(f"{dotted} must be a finite number, got {value}")
 
@@ -358,14 +358,14 @@ def build_section(cls: type, raw: Any, path: str) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise RecipeError(f"{path} must be a mapping (key: value), got {_show(raw)}")
+        raise RecipeError(f"{path} must be a mapping (key: value), got {show(raw)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.name not in _INTERNAL]
     kwargs = {}
     for key, value in raw.items():
         dotted = f"{path}.{key}" if path else str(key)
         if key not in names:
-            raise RecipeError(f"unknown key {_show(dotted)}{suggest(str(key), names)}")
+            raise RecipeError(f"unknown key {show(dotted)}{suggest(str(key), names)}")
         tp = hints[key]
         nested = [a for a in (tp, *typing.get_args(tp)) if a in _NESTED]
         if nested and value is not None:
@@ -439,10 +439,10 @@ def _check_semantics(r: Recipe) -> None:
         raise RecipeError("trainer must be a mapping of TrainingArguments fields")
     out = r.trainer.get("output_dir")
     if not isinstance(out, str) or not out.strip():  # '' would be the current folder, None a TypeError later
-        raise RecipeError(f"trainer.output_dir must name a folder, e.g. runs/my-run; got {_show(out)}")
+        raise RecipeError(f"trainer.output_dir must name a folder, e.g. runs/my-run; got {show(out)}")
     for role, column in d.columns.items():
         if not isinstance(column, str):
-            raise RecipeError(f"data.columns.{role} must be a column name (a string), got {_show(column)}")
+            raise RecipeError(f"data.columns.{role} must be a column name (a string), got {show(column)}")
 
 
 BUILTIN_SOURCES = ("pydoc",)
@@ -542,7 +542,7 @@ def check_hf_kwargs(cls: type, kwargs: dict, path: str) -> None:
 
     for key, value in kwargs.items():
         if key not in fields:
-            shown = _show(f"{path}.{key}")
+            shown = show(f"{path}.{key}")
             raise RecipeError(f"unknown key {shown}{suggest(str(key), fields)} (not a {cls.__name__} field)")
         tp = hints.get(key)
         members = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
@@ -641,7 +641,7 @@ def resolve(recipe: Recipe) -> Recipe:
         gen = GenerationConfig()
         unknown = [k for k in recipe.generation if not isinstance(k, str) or not hasattr(gen, k)]
         if unknown:
-            raise RecipeError(f"unknown key 'generation.{unknown[0]}'{suggest(str(unknown[0]), vars(gen))}")
+            raise RecipeError(f"unknown key {show(f'generation.{unknown[0]}')}{suggest(str(unknown[0]), vars(gen))}")
         try:
             recipe.generation_config = GenerationConfig(**recipe.generation)
             recipe.generation_config.validate(strict=True)

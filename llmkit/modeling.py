@@ -216,10 +216,11 @@ def build_config(recipe: Recipe, task: Task, tokenizer: Any, extra: dict) -> Any
         known = set(default.to_dict()) | set(getattr(default, "attribute_map", {}))
         for key in cfg:
             if key not in known:
-                from llmkit.config import suggest
+                from llmkit.config import show, suggest
 
                 raise RecipeError(
-                    f"unknown key 'model.config.{key}'{suggest(key, known)} (not a {type(default).__name__} field)"
+                    f"unknown key {show(f'model.config.{key}')}{suggest(str(key), known)} "
+                    f"(not a {type(default).__name__} field)"
                 )
         try:
             config = AutoConfig.for_model(model_type, **cfg)

@@ -677,3 +677,19 @@ def test_an_output_dir_that_holds_the_work_is_refused(output_dir):
     assert str(err.value).endswith(
         "which --overwrite would delete; choose a folder of its own, e.g. trainer.output_dir=runs/my-run"
     )
+
+
+@pytest.mark.parametrize(
+    ("section", "value"), [("generation", {"bad\nkey": 1}), ("model.config", {"model_type": "bert", "bad\nkey": 1})]
+)
+def test_an_unknown_key_with_a_line_break_is_shown_on_one_line(section, value):
+    # found by the property test above: the key was printed raw, breaking the one-line message
+    from llmkit.modeling import build_config
+    from llmkit.tasks import get_task
+
+    outcome = _outcome(yaml.safe_dump(_apply([("model.name_or_path", None), (section, value)])))
+    if isinstance(outcome, Recipe):  # model.config keys are checked against the config class when it is built
+        with pytest.raises(LlmkitError) as caught:
+            build_config(outcome, get_task(outcome.task), None, {})
+        outcome = caught.value
+    assert "\n" not in str(outcome) and f"unknown key '{section}.bad\\nkey'" in str(outcome)
