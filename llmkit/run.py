@@ -56,6 +56,7 @@ def plan_output_dir(recipe: Recipe, overwrite: bool, resume: bool) -> tuple[Path
     if overwrite:
         if resume:
             raise LlmkitError("--overwrite and --resume contradict each other; pick one")
+        check_replaceable(out, "set trainer.output_dir=runs/NEW_NAME")
         return None, True
     fix = "pass --overwrite to replace it, or set trainer.output_dir=runs/NEW_NAME"
     if (out / FINISHED).exists():
@@ -87,6 +88,71 @@ def plan_output_dir(recipe: Recipe, overwrite: bool, resume: bool) -> tuple[Path
         return None, False
     log.warning("Resuming the unfinished run in %s from %s", out, ckpt.name)
     return ckpt, False
+
+
+# What llmkit, the Trainer and the tokenizers write at the top of a run or export folder. `--overwrite`
+# replaces such a folder only when everything in it is one of these: it never deletes the user's files.
+OWN_ENTRIES = (
+    "recipe.yaml",
+    "README.md",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "config.json",
+    "generation_config.json",
+    "adapter_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "*.model",  # sentencepiece
+    "summary.json",
+    "preflight.json",
+    "train_results.json",
+    "eval_*.json",
+    "all_results.json",
+    "trainer_state.json",
+    "confusion_matrix.json",
+    "training_args.bin",
+    "checkpoint-*",
+    "runs",  # TensorBoard events
+    "plots",
+    "base_model",
+    ".partial",  # checkpoints being written
+)
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """The names at the top of `folder` that llmkit does not write (sorted)."""
+    from fnmatch import fnmatchcase
+
+    return sorted(p.name for p in folder.iterdir() if not any(fnmatchcase(p.name, g) for g in OWN_ENTRIES))
+
+
+def check_replaceable(folder: Path, fix: str) -> None:
+    """LlmkitError unless `folder` may be deleted by --overwrite: absent, empty, or an llmkit folder.
+
+    An llmkit folder (a run or an export) holds its recipe.yaml and nothing llmkit did not write.
+    """
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise LlmkitError(f"{folder} is a file, not an llmkit folder; --overwrite replaces only those: {fix}")
+    if not any(folder.iterdir()):
+        return
+    if not (folder / "recipe.yaml").is_file():
+        raise LlmkitError(
+            f"{folder} is not empty and is not an llmkit run or export, so --overwrite will not delete it; {fix}"
+        )
+    foreign = foreign_entries(folder)
+    if foreign:
+        raise LlmkitError(
+            f"{folder} holds {foreign[0]!r}, which llmkit did not write, so --overwrite will not delete the "
+            f"folder; move {foreign[0]!r} out of it, or {fix}"
+        )
 
 
 def chosen_checkpoint(path: Path) -> Path:
@@ -511,6 +577,32 @@ def read_inputs(path: Path) -> list[dict]:
     return rows
 
 
+def _previous_predictions(output: Path, inputs: Path, overwrite: bool) -> set[str] | None:
+    """The fields of the first row of an existing predictions file that --overwrite may replace (None: no file).
+
+    Only a JSON-lines file of objects qualifies (its prediction fields are checked once they are known);
+    never the input file, a folder or any other file.
+    """
+    if not output.exists():
+        return None
+    if not overwrite:
+        raise LlmkitError(f"{output} exists; pass --overwrite to replace it or choose another --output")
+    if output.resolve() == inputs.resolve():
+        raise LlmkitError(f"--output {output} is the input file; write the predictions to another file")
+    fix = "so --overwrite will not replace it; choose another --output"
+    if not output.is_file():
+        raise LlmkitError(f"{output} is not a file (a folder?), {fix}")
+    try:
+        with output.open(encoding="utf-8") as f:
+            first = next((line for line in f if line.strip()), "")
+        row = json.loads(first)
+    except (UnicodeDecodeError, json.JSONDecodeError, OSError):
+        row = None
+    if not isinstance(row, dict):
+        raise LlmkitError(f"{output} is not a JSON-lines predictions file written by llmkit, {fix}")
+    return set(row)
+
+
 def predict(recipe: Recipe, input_path: Path, output_path: Path, overwrite: bool = False) -> int:
     """Run the recipe's model on a file of inputs and write one JSON line per input. Returns the row count."""
     from llmkit import modeling
@@ -519,8 +611,7 @@ def predict(recipe: Recipe, input_path: Path, output_path: Path, overwrite: bool
     if task.predict is None:
         raise LlmkitError(f"task {task.name!r} has no predict; use `llmkit evaluate` for its metrics")
     output_path = Path(output_path)
-    if output_path.exists() and not overwrite:
-        raise LlmkitError(f"{output_path} exists; pass --overwrite to replace it or choose another --output")
+    previous = _previous_predictions(output_path, Path(input_path), overwrite)
     rows = read_inputs(input_path)
     column = task.column(recipe, task.input_columns[0])
     for i, row in enumerate(rows):
@@ -534,6 +625,11 @@ def predict(recipe: Recipe, input_path: Path, output_path: Path, overwrite: bool
     model = modeling.build_model(recipe, task, tokenizer, head_kwargs(task, recipe))
     model.eval()
     outputs = task.predict(recipe, model, tokenizer, rows)
+    if previous is not None and outputs and not set(outputs[0]) <= previous:
+        raise LlmkitError(
+            f"{output_path} holds no {', '.join(map(repr, outputs[0]))} predictions, so it is not llmkit's "
+            "output and --overwrite will not replace it; choose another --output"
+        )
     output_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = output_path.with_name(f".{output_path.name}.tmp")
     with tmp.open("w", encoding="utf-8") as f:
@@ -560,6 +656,7 @@ def export(run_dir: Path, out_dir: Path, merge: bool = False, overwrite: bool = 
         raise LlmkitError(f"{run_dir} holds a full model, not a LoRA adapter: nothing to merge; drop --merge")
     if not overwrite and out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise LlmkitError(f"{out_dir} exists and is not empty; pass --overwrite or choose another folder")
+    check_replaceable(out_dir, "choose another folder to export to")
     task = get_task(recipe.task)
     tokenizer = modeling.get_tokenizer(recipe, task, None)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
@@ -569,6 +666,7 @@ def export(run_dir: Path, out_dir: Path, merge: bool = False, overwrite: bool = 
         model = model.merge_and_unload()
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        shutil.copy2(run_dir / "recipe.yaml", tmp / "recipe.yaml")  # how it was trained; marks an llmkit export
         kind = "merged"
     else:
         keep = {
@@ -595,9 +693,7 @@ def export(run_dir: Path, out_dir: Path, merge: bool = False, overwrite: bool = 
         if (run_dir / modeling.BASE_DIR).is_dir():
             shutil.copytree(run_dir / modeling.BASE_DIR, tmp / modeling.BASE_DIR)
         kind = "adapter" if is_adapter else "model"
-    if out_dir.is_dir():  # --overwrite: the old export goes only once the new one is complete
+    if out_dir.is_dir():  # --overwrite (checked above): the old export goes only once the new one is complete
         shutil.rmtree(out_dir)
-    elif out_dir.exists():
-        out_dir.unlink()
     tmp.replace(out_dir)
     return kind

@@ -121,6 +121,7 @@ def test_summarization_finetune_evaluate_predict(tmp_path):
     out = tmp_path / "sum"
     summary = _train("summarization", out)
     metrics = summary["final_metrics"]
+    assert run.foreign_entries(out) == []  # --overwrite recognises everything a run writes
     assert {"eval_rouge1", "eval_rouge2", "eval_rougeL", "eval_rougeLsum", "eval_gen_len"} <= set(metrics)
     assert 0 <= metrics["eval_rouge1"] <= 100 and metrics["eval_gen_len"] <= 16
     test = run.evaluate(run.recipe_for_evaluation(out, []), "test")

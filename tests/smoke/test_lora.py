@@ -114,6 +114,7 @@ def test_lora_for_other_tasks(tmp_path, name):
     out = tmp_path / "run"
     summary = run.train(_recipe(name, out, "trainer.max_steps=2"))
     assert summary["trainable_parameters"] < summary["parameters"]
+    assert run.foreign_entries(out) == []  # --overwrite recognises everything a LoRA run writes
     assert (out / "adapter_model.safetensors").exists()
     metrics = run.evaluate(run.recipe_for_evaluation(out, []), "validation")
     assert metrics["eval_loss"] == pytest.approx(summary["final_metrics"]["eval_loss"], rel=0.2)

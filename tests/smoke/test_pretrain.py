@@ -27,6 +27,7 @@ def test_tiny_pretraining_end_to_end(tmp_path, name, auto):
     out = tmp_path / "run"
     summary = run.train(_recipe(name, out))
     assert summary["steps"] == 6 and summary["parameters"] > 0
+    assert run.foreign_entries(out) == []  # --overwrite recognises everything a run writes
     assert math.isfinite(summary["train_loss"])
     assert math.isfinite(summary["final_metrics"]["eval_loss"])
     assert summary["final_metrics"]["eval_perplexity"] == pytest.approx(math.exp(summary["final_metrics"]["eval_loss"]))

@@ -658,6 +658,7 @@ def test_a_hostile_file_never_costs_the_previous_run(tmp_path):
     """`--overwrite` with a broken data file fails before the old run is touched."""
     out = tmp_path / "out"
     out.mkdir()
+    (out / "recipe.yaml").write_text("task: classification\n")  # an llmkit run, which --overwrite may replace
     (out / "summary.json").write_text("{}")
     (out / "model.safetensors").write_bytes(b"weights")
     bad = tmp_path / "bad.csv"
