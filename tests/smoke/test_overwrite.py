@@ -62,7 +62,9 @@ def finished_run(tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
-        result = runner.invoke(app, ["finetune", str(RECIPES / "tiny/classification.yaml"), f"trainer.output_dir={out}"])
+        result = runner.invoke(
+            app, ["finetune", str(RECIPES / "tiny/classification.yaml"), f"trainer.output_dir={out}"]
+        )
     finally:
         os.chdir(cwd)
     assert result.exit_code == 0, result.output
@@ -76,9 +78,7 @@ def test_training_overwrite_refuses_a_run_folder_holding_a_foreign_file(finished
     shutil.copytree(finished_run, run_copy)
     (run_copy / "thesis.txt").write_text(THESIS)
     before = sorted(p.name for p in run_copy.iterdir())
-    result = _invoke(
-        "finetune", RECIPES / "tiny/classification.yaml", f"trainer.output_dir={run_copy}", "--overwrite"
-    )
+    result = _invoke("finetune", RECIPES / "tiny/classification.yaml", f"trainer.output_dir={run_copy}", "--overwrite")
     _refused(result, "thesis.txt", "llmkit did not write")
     assert sorted(p.name for p in run_copy.iterdir()) == before
     assert (run_copy / "thesis.txt").read_text() == THESIS
