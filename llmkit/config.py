@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import math
 import os
 import re
@@ -16,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from llmkit.errors import RecipeError, first_line
+from llmkit.errors import RecipeError, first_line, show, suggest
 
 # --------------------------------------------------------------------------- YAML
 
@@ -280,18 +279,6 @@ class Recipe:
 
 _INTERNAL = ("raw", "recipe_file", "args", "lora", "generation_config")
 _NESTED = {ModelSection, TokenizerSection, TokenizerTrainSection, DataSection}
-
-
-def suggest(key: str, valid: typing.Iterable[str]) -> str:
-    """Return ' (did you mean 'x'?)' for the closest valid key, or ''."""
-    match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
-    return f" (did you mean '{match[0]}'?)" if match else ""
-
-
-def show(value: Any, limit: int = 80) -> str:
-    """repr() of a value from the recipe, cut short: an error message stays one readable line."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
 
 
 _PLURAL = {str: "strings", int: "integers", float: "numbers", bool: "true/false values"}

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmkit.errors import DataError, first_line
+from llmkit.files import atomic_write, cache_dir
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
@@ -30,14 +31,6 @@ _FORMATS = {
 }
 
 
-def cache_dir() -> Path:
-    """Where llmkit keeps what it derives once and reuses (built-in corpora, trained tokenizers)."""
-    root = os.environ.get("LLMKIT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llmkit"
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 # --------------------------------------------------------------------------- built-in corpora
 
 
@@ -56,14 +49,6 @@ def pydoc_corpus_file() -> Path:
                     paragraphs.append(text)
         atomic_write(path, "\n".join(paragraphs) + "\n")
     return path
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write a text file through a temporary name and a rename: never seen half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 # --------------------------------------------------------------------------- CoNLL

@@ -1,4 +1,10 @@
-"""The exceptions llmkit raises for problems the user can fix (exit code 2)."""
+"""The exceptions llmkit raises for problems the user can fix (exit code 2), and how their messages are worded."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from typing import Any
 
 
 class LlmkitError(Exception):
@@ -22,3 +28,15 @@ def first_line(e: BaseException, default: str | None = None) -> str:
     (the exception's type name) when it has none; never fails on an empty message."""
     text = str(e).strip()
     return text.splitlines()[0] if text else (type(e).__name__ if default is None else default)
+
+
+def suggest(key: str, valid: Iterable[str]) -> str:
+    """Return ' (did you mean 'x'?)' for the closest valid key, or ''."""
+    match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def show(value: Any, limit: int = 80) -> str:
+    """repr() of a value from the recipe, cut short: an error message stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"

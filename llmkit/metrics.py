@@ -7,9 +7,11 @@ recipe's `metrics:` list are resolved with `evaluate.load` and need the Hub (or 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 from llmkit.errors import RecipeError, first_line
+from llmkit.files import atomic_write
 
 
 def classification_scores(predictions: Any, references: Any, multi_label: bool = False) -> dict[str, float]:
@@ -33,6 +35,24 @@ def confusion_counts(predictions: Any, references: Any, n_labels: int) -> list[l
     from sklearn.metrics import confusion_matrix
 
     return confusion_matrix(references, predictions, labels=list(range(n_labels))).tolist()
+
+
+CONFUSION = "confusion_matrix.json"  # in a run folder, beside summary.json
+
+
+def save_confusion(run_dir: Path, labels: list[str], matrix: list[list[int]]) -> None:
+    """Keep a classification evaluation's confusion matrix in the run folder (rows: true, columns: predicted).
+
+    Every evaluation during training replaces it, so a run ends with its final validation pass.
+    A finished run (one with summary.json) is left alone: a later `llmkit evaluate RUN --split test`
+    must not change what the run's plot and report show.
+    """
+    import json
+
+    run_dir = Path(run_dir)
+    if (run_dir / "summary.json").exists():
+        return
+    atomic_write(run_dir / CONFUSION, json.dumps({"labels": list(labels), "matrix": matrix}) + "\n")
 
 
 def seqeval_scores(predictions: list[list[str]], references: list[list[str]]) -> dict[str, float]:

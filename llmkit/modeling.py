@@ -11,8 +11,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmkit.data import cache_dir
-from llmkit.errors import RecipeError, first_line
+from llmkit.errors import RecipeError, first_line, show, suggest
+from llmkit.files import cache_dir
 
 if TYPE_CHECKING:
     from llmkit.config import Recipe
@@ -205,8 +205,6 @@ def build_config(recipe: Recipe, task: Task, tokenizer: Any, extra: dict) -> Any
         cfg = dict(m.config)
         model_type = cfg.pop("model_type", None)
         if model_type not in CONFIG_MAPPING:
-            from llmkit.config import suggest
-
             hint = suggest(str(model_type), list(CONFIG_MAPPING.keys())) if model_type else ""
             raise RecipeError(
                 f"model.config.model_type: unknown model type {model_type!r}{hint} "
@@ -216,8 +214,6 @@ def build_config(recipe: Recipe, task: Task, tokenizer: Any, extra: dict) -> Any
         known = set(default.to_dict()) | set(getattr(default, "attribute_map", {}))
         for key in cfg:
             if key not in known:
-                from llmkit.config import show, suggest
-
                 raise RecipeError(
                     f"unknown key {show(f'model.config.{key}')}{suggest(str(key), known)} "
                     f"(not a {type(default).__name__} field)"

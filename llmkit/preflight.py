@@ -12,7 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from llmkit.data import atomic_write, require_columns, split_origin
+from llmkit.data import require_columns, split_origin
+from llmkit.files import atomic_write
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict

@@ -9,6 +9,7 @@ from typing import Any
 
 from llmkit.config import dump_yaml
 from llmkit.errors import LlmkitError
+from llmkit.metrics import CONFUSION
 
 
 def load_history(run_dir: Path) -> list[dict]:
@@ -87,24 +88,6 @@ def _pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
-
-
-CONFUSION = "confusion_matrix.json"
-
-
-def save_confusion(run_dir: Path, labels: list[str], matrix: list[list[int]]) -> None:
-    """Keep a classification evaluation's confusion matrix in the run folder (rows: true, columns: predicted).
-
-    Every evaluation during training replaces it, so a run ends with its final validation pass.
-    A finished run (one with summary.json) is left alone: a later `llmkit evaluate RUN --split test`
-    must not change what the run's plot and report show.
-    """
-    from llmkit.data import atomic_write
-
-    run_dir = Path(run_dir)
-    if (run_dir / "summary.json").exists():
-        return
-    atomic_write(run_dir / CONFUSION, json.dumps({"labels": list(labels), "matrix": matrix}) + "\n")
 
 
 def plot_confusion(run_dir: Path, out_dir: Path) -> Path | None:

@@ -15,6 +15,7 @@ from llmkit import __version__
 from llmkit.checkpoints import drop_pickled_args, last_checkpoint, saving, trainer_with_atomic_checkpoints
 from llmkit.config import Recipe, dump_yaml, resolve
 from llmkit.errors import Interrupted, LlmkitError, RecipeError
+from llmkit.files import write_json
 from llmkit.tasks import Task, get_task
 
 log = logging.getLogger("llmkit")
@@ -199,12 +200,6 @@ def prepare_data(
         todo = DatasetDict({only: raw[only]}) if only else raw
         tokenized = task.preprocess(recipe, todo, tokenizer)
     return raw, tokenizer, tokenized
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    from llmkit.data import atomic_write
-
-    atomic_write(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def _add_perplexity(task: Task, metrics: dict, prefix: str = "eval") -> dict:
@@ -398,14 +393,14 @@ def train(
     summary = {}
     if trainer.is_world_process_zero():
         trainer.save_state()
-        _write_json(out / "train_results.json", train_metrics)
+        write_json(out / "train_results.json", train_metrics)
         if eval_metrics:
-            _write_json(out / "eval_validation.json", eval_metrics)
+            write_json(out / "eval_validation.json", eval_metrics)
         summary = _summary(recipe, task, trainer, train_metrics, eval_metrics, trainable, total, time.time() - started)
         from llmkit.report import write_run_report
 
         write_run_report(out, recipe, task, summary)
-        _write_json(out / FINISHED, summary)  # last: its presence marks the run finished
+        write_json(out / FINISHED, summary)  # last: its presence marks the run finished
     return summary
 
 
@@ -524,7 +519,7 @@ def evaluate(recipe: Recipe, split: str = "validation") -> dict:
     metrics = {"split": split, "samples": len(tokenized[split]), **metrics}
     if trainer.is_world_process_zero():
         recipe.output_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(recipe.output_dir / f"eval_{split}.json", metrics)
+        write_json(recipe.output_dir / f"eval_{split}.json", metrics)
     return metrics
 
 

@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmkit.errors import RecipeError
+from llmkit.errors import RecipeError, suggest
 
 
 def _no_check(recipe: Any) -> None:
@@ -82,7 +82,5 @@ def get_task(name: Any) -> Task:
     """Look a task up by name, with a suggestion for typos."""
     tasks = all_tasks()
     if not isinstance(name, str) or name not in tasks:  # a list or mapping from YAML is not a name either
-        from llmkit.config import suggest
-
         raise RecipeError(f"unknown task {name!r}{suggest(str(name), tasks)}; tasks: {', '.join(tasks)}")
     return tasks[name]

@@ -90,7 +90,7 @@ def _model_kwargs(recipe: Any) -> dict:
 
 
 def _metrics(recipe: Any, tokenizer: Any, eval_ds: Any) -> tuple[Any, Any]:
-    from llmkit.metrics import compute_extra, confusion_counts, extra_metrics, load_metric
+    from llmkit.metrics import compute_extra, confusion_counts, extra_metrics, load_metric, save_confusion
 
     multi = _multi(recipe)
     module = load_metric("multilabel" if multi else "classification")
@@ -111,8 +111,6 @@ def _metrics(recipe: Any, tokenizer: Any, eval_ds: Any) -> tuple[Any, Any]:
             scores.update(compute_extra(extra, preds.tolist(), refs.tolist()))
             if getattr(recipe.args, "process_index", 0) == 0:
                 # Not a metric (trackers take scalars only): a file beside the run, for plots/confusion_matrix.png.
-                from llmkit.report import save_confusion
-
                 names = recipe.options.labels
                 save_confusion(recipe.output_dir, names, confusion_counts(preds.tolist(), refs.tolist(), len(names)))
         return scores

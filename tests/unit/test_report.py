@@ -8,8 +8,8 @@ from conftest import RECIPES
 
 from llmkit.config import load_recipe, resolve
 from llmkit.errors import LlmkitError
-from llmkit.metrics import confusion_counts
-from llmkit.report import model_card, plot_confusion, plot_runs, report, save_confusion
+from llmkit.metrics import confusion_counts, save_confusion
+from llmkit.report import model_card, plot_confusion, plot_runs, report
 from llmkit.tasks import get_task
 
 SUMMARY = {
