@@ -163,7 +163,7 @@ def _print_metrics(metrics: dict) -> None:
 def _train_command(
     stage: str, recipe: Path, overrides: list[str] | None, dry_run: bool, overwrite: bool, resume: bool
 ) -> None:
-    from llmkit.config import dump_yaml
+    from llmkit.recipefile import dump_yaml
 
     r = _load(recipe, overrides)
     from llmkit import run
@@ -219,7 +219,8 @@ def pretrain(
 
 def _recipe_for_task(recipe: str | None, task: str | None, overrides: list[str]) -> tuple[Path, list[str]]:
     """`--task T` picks the shipped recipe for T; a recipe given as well must be for the same task."""
-    from llmkit.config import load_raw, shipped_recipe
+    from llmkit.config import shipped_recipe
+    from llmkit.recipefile import load_raw
 
     overrides = list(overrides or [])
     if recipe is not None and "=" in recipe and not Path(recipe).exists():
@@ -392,7 +393,8 @@ def init(
     """
 
     def go() -> None:
-        from llmkit.config import load_raw, shipped_recipe
+        from llmkit.config import shipped_recipe
+        from llmkit.recipefile import load_raw
 
         source = shipped_recipe(task)
         dest = output or Path(f"{task}.yaml")
@@ -417,7 +419,8 @@ def recipes_list(debug: bool = DebugOpt) -> None:
     """List the shipped recipes: path, task and what each does."""
 
     def go() -> None:
-        from llmkit.config import load_raw, shipped_recipes_dir
+        from llmkit.recipe import shipped_recipes_dir
+        from llmkit.recipefile import load_raw
 
         root = shipped_recipes_dir()
         for path in sorted(root.rglob("*.yaml")):
@@ -434,7 +437,7 @@ def recipe_show(recipe: Path = RecipeArg, overrides: list[str] = OverridesArg, d
     """Print the recipe merged (extends), overridden and resolved."""
 
     def go() -> None:
-        from llmkit.config import dump_yaml
+        from llmkit.recipefile import dump_yaml
         from llmkit.run import resolved_dict
 
         typer.echo(dump_yaml(resolved_dict(_load(recipe, overrides))).rstrip())

@@ -13,7 +13,7 @@ from llmkit.files import atomic_write, cache_dir
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
 
-    from llmkit.config import Recipe
+    from llmkit.recipe import Recipe
 
 SPLITS = ("train", "validation", "test")
 _SPLIT_ALIASES = {"valid": "validation", "dev": "validation", "val": "validation", "eval": "validation"}

@@ -15,7 +15,7 @@ from llmkit.errors import RecipeError, first_line, show, suggest
 from llmkit.files import cache_dir
 
 if TYPE_CHECKING:
-    from llmkit.config import Recipe
+    from llmkit.recipe import Recipe
     from llmkit.tasks import Task
 
 log = logging.getLogger("llmkit")

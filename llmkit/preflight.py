@@ -18,7 +18,7 @@ from llmkit.files import atomic_write
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
 
-    from llmkit.config import Recipe
+    from llmkit.recipe import Recipe
     from llmkit.tasks import Task
 
 log = logging.getLogger("llmkit")

@@ -7,9 +7,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from llmkit.config import dump_yaml
 from llmkit.errors import LlmkitError
 from llmkit.metrics import CONFUSION
+from llmkit.recipefile import dump_yaml
 
 
 def load_history(run_dir: Path) -> list[dict]:
@@ -213,7 +213,7 @@ def write_run_report(out: Path, recipe: Any, task: Any, summary: dict) -> None:
 
 def report(runs: list[Path], output: Path | None = None) -> list[Path]:
     """`llmkit report`: redraw one run's plots (into RUN/plots), or overlay several runs (into --output)."""
-    from llmkit.config import load_raw
+    from llmkit.recipefile import load_raw
     from llmkit.tasks import get_task
 
     runs = [Path(r) for r in runs]

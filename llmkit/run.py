@@ -13,9 +13,11 @@ from typing import Any
 
 from llmkit import __version__
 from llmkit.checkpoints import drop_pickled_args, last_checkpoint, saving, trainer_with_atomic_checkpoints
-from llmkit.config import Recipe, dump_yaml, resolve
+from llmkit.config import resolve
 from llmkit.errors import Interrupted, LlmkitError, RecipeError
 from llmkit.files import write_json
+from llmkit.recipe import Recipe
+from llmkit.recipefile import dump_yaml
 from llmkit.tasks import Task, get_task
 
 log = logging.getLogger("llmkit")
@@ -65,7 +67,7 @@ def plan_output_dir(recipe: Recipe, overwrite: bool, resume: bool) -> tuple[Path
     saved = out / "recipe.yaml"
     if not saved.exists():
         raise LlmkitError(f"{out} is not empty and is not an llmkit run; {fix}")
-    from llmkit.config import parse_yaml
+    from llmkit.recipefile import parse_yaml
 
     def comparable(d: dict) -> dict:  # a run folder that was moved is still the same run
         d = json.loads(json.dumps(d, default=str))
@@ -454,7 +456,8 @@ def _summary(
 
 def recipe_for_evaluation(target: Path, overrides: list[str]) -> Recipe:
     """The recipe to evaluate with: a run folder's saved recipe pointed at its model, or a recipe file."""
-    from llmkit.config import apply_overrides, load_raw, load_recipe, validate
+    from llmkit.config import load_recipe, validate
+    from llmkit.recipefile import apply_overrides, load_raw
 
     target = Path(target)
     if target.is_dir():

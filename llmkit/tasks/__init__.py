@@ -23,6 +23,7 @@ class Task:
 
     name: str
     stage: str  # "pretrain" or "finetune": which command runs it
+    recipe: str  # the shipped recipe (recipes/<file>) that `--task NAME` and `llmkit init NAME` start from
     description: str
     auto_model: str  # name of the transformers AutoModel class
     peft_task_type: str  # peft.TaskType name, filled into LoraConfig.task_type

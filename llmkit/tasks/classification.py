@@ -151,6 +151,7 @@ def _predict(recipe: Any, model: Any, tokenizer: Any, rows: list[dict]) -> list[
 
 TASK = Task(
     name="classification",
+    recipe="classification.yaml",
     main_metric="eval_accuracy",
     pipeline_tag="text-classification",
     stage="finetune",

@@ -35,6 +35,7 @@ def collate_blocks(features: list[dict]) -> dict:
 
 TASK = Task(
     name="clm",
+    recipe="gpt2.yaml",
     main_metric="eval_perplexity",
     pipeline_tag="text-generation",
     stage="pretrain",

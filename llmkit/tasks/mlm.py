@@ -155,6 +155,7 @@ def _speed_up(recipe: Any, model: Any) -> None:
 
 TASK = Task(
     name="mlm",
+    recipe="bert.yaml",
     main_metric="eval_perplexity",
     pipeline_tag="fill-mask",
     stage="pretrain",

@@ -176,6 +176,7 @@ def _predict(recipe: Any, model: Any, tokenizer: Any, rows: list[dict]) -> list[
 
 TASK = Task(
     name="ner",
+    recipe="ner.yaml",
     main_metric="eval_f1",
     pipeline_tag="token-classification",
     stage="finetune",

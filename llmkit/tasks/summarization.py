@@ -126,6 +126,7 @@ def _predict(recipe: Any, model: Any, tokenizer: Any, rows: list[dict]) -> list[
 
 TASK = Task(
     name="summarization",
+    recipe="summarization.yaml",
     main_metric="eval_rougeL",
     pipeline_tag="summarization",
     stage="finetune",

@@ -2,8 +2,9 @@
 
 import pytest
 
-from llmkit.config import apply_overrides, load_raw, load_recipe, parse_yaml, resolve
+from llmkit.config import load_recipe, resolve
 from llmkit.errors import RecipeError
+from llmkit.recipefile import apply_overrides, load_raw, parse_yaml
 
 BASE = """
 task: mlm

@@ -17,8 +17,10 @@ from typer.testing import CliRunner
 
 from llmkit import run
 from llmkit.cli import app
-from llmkit.config import Recipe, load_raw, load_recipe, parse_yaml, resolve
+from llmkit.config import load_recipe, resolve
 from llmkit.errors import DataError, LlmkitError, RecipeError
+from llmkit.recipe import Recipe
+from llmkit.recipefile import load_raw, parse_yaml
 
 # --------------------------------------------------------------------------- the property
 

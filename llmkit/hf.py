@@ -1,0 +1,173 @@
+"""The Hugging Face objects a recipe describes (TrainingArguments, LoraConfig, GenerationConfig), built and
+checked key by key so a bad key fails in the first seconds; and the hardware probes they depend on."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llmkit.errors import RecipeError, first_line, show, suggest
+from llmkit.recipe import check_value
+
+if TYPE_CHECKING:
+    from llmkit.recipe import Recipe
+
+log = logging.getLogger("llmkit")
+
+# llmkit's defaults under the recipe's trainer section (the recipe wins).
+TRAINER_DEFAULTS = {"report_to": ["tensorboard"]}
+
+
+def _has_accelerator() -> bool:
+    import torch
+    from transformers.utils import is_torch_xla_available
+
+    xpu = hasattr(torch, "xpu") and torch.xpu.is_available()
+    return torch.cuda.is_available() or torch.backends.mps.is_available() or xpu or is_torch_xla_available()
+
+
+def fast_bf16_available() -> bool:
+    """True where bfloat16 autocast runs fast: CUDA GPUs with bf16, CPUs with AMX or AVX512-BF16."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("flags")[1].splitlines()[0].split()
+    except (OSError, IndexError):
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def check_hf_kwargs(cls: type, kwargs: dict, path: str) -> None:
+    """Reject unknown keys and plainly wrong scalar types for a Hugging Face dataclass, by recipe path."""
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 - forward refs we cannot evaluate: skip type checks
+        hints = {}
+    basic = (str, int, float, bool, type(None))
+
+    def checkable(m: Any) -> bool:  # types check_type knows; enums, tuples and classes are left to the constructor
+        origin = typing.get_origin(m)
+        if origin is list:
+            return all(a in basic for a in typing.get_args(m))
+        return m in basic or m in (dict, list) or origin is dict
+
+    for key, value in kwargs.items():
+        if key not in fields:
+            shown = show(f"{path}.{key}")
+            raise RecipeError(f"unknown key {shown}{suggest(str(key), fields)} (not a {cls.__name__} field)")
+        tp = hints.get(key)
+        members = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+        if tp is not None and all(checkable(m) for m in members):
+            check_value(value, tp, f"{path}.{key}")
+
+
+def hf_error(path: str, e: Exception) -> RecipeError:
+    """One line for a Hugging Face constructor that rejected the recipe's section at `path`."""
+    if isinstance(e, OSError) and e.filename is not None:  # e.g. trainer.deepspeed / accelerator_config: a file
+        return RecipeError(
+            f"{path}: cannot read {e.filename!r} ({e.strerror or first_line(e)}); "
+            "a string there names a config file: fix the path, or write the settings as a mapping"
+        )
+    if isinstance(e, (ValueError, TypeError, ImportError)):
+        return RecipeError(f"{path}: {first_line(e)}")
+    return RecipeError(f"{path}: a value has the wrong shape ({type(e).__name__}: {first_line(e)}); check {path}")
+
+
+def construct(cls: type, kwargs: dict, path: str) -> Any:
+    check_hf_kwargs(cls, kwargs, path)
+    try:
+        return cls(**kwargs)
+    except Exception as e:  # noqa: BLE001 - the constructor validates user values and fails in many types
+        raise hf_error(path, e) from None
+
+
+def check_quantization(settings: dict) -> None:
+    """4-bit/8-bit loading (QLoRA) runs only on CUDA with bitsandbytes: say so before any work."""
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RecipeError(
+            "model.quantization (4-bit/8-bit, QLoRA) needs a CUDA GPU; this machine has none. "
+            "Remove model.quantization to train LoRA in full precision"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise RecipeError("model.quantization (QLoRA) needs bitsandbytes: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    construct(BitsAndBytesConfig, settings, "model.quantization")
+
+
+def trainer_settings(recipe: Recipe, task_defaults: dict) -> dict:
+    """The recipe's trainer section under llmkit's and the task's defaults (the recipe wins); bf16 where fast."""
+    trainer = {**TRAINER_DEFAULTS, **task_defaults, **recipe.trainer}
+    if "bf16" not in trainer and "fp16" not in trainer:
+        trainer["bf16"] = fast_bf16_available()
+    return trainer
+
+
+def runtime_settings(trainer: dict) -> dict:
+    """TrainingArguments that depend on where and how this process runs, not on the experiment.
+
+    They go to TrainingArguments but not into the recipe, so a run can resume from a pipe, a
+    terminal or torchrun.
+    """
+    runtime = {}
+    if "use_cpu" not in trainer and not _has_accelerator():
+        # On a CPU-only machine say so: under torchrun Accelerate sets up gloo DDP only when told it is
+        # on CPU (otherwise every process trains alone), and bf16 autocast on CPU needs it too.
+        runtime["use_cpu"] = True
+    if "disable_tqdm" not in trainer:
+        # A live progress bar on a terminal; one plain line per log step in pipes and CI logs.
+        runtime["disable_tqdm"] = os.environ.get("LLMKIT_VERBOSITY") == "quiet" or not sys.stderr.isatty()
+    if "dataloader_pin_memory" not in trainer:
+        import torch
+
+        # Pinned memory only helps host-to-GPU copies; on CPU it just warns.
+        runtime["dataloader_pin_memory"] = torch.cuda.is_available()
+    return runtime
+
+
+def training_arguments(cls: type, trainer: dict) -> Any:
+    """`cls` (TrainingArguments or Seq2SeqTrainingArguments) from the trainer settings plus the runtime ones."""
+    return construct(cls, {**trainer, **runtime_settings(trainer)}, "trainer")
+
+
+def lora_config(peft_section: dict, task_type: str) -> Any:
+    """peft.LoraConfig from the recipe's peft section; task_type defaults to the task's."""
+    import peft
+
+    return construct(peft.LoraConfig, {"task_type": task_type, **peft_section}, "peft")
+
+
+def check_generation(settings: dict) -> None:
+    """Every generation: key is a GenerationConfig field and the values pass its strict validation."""
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig()
+    unknown = [k for k in settings if not isinstance(k, str) or not hasattr(gen, k)]
+    if unknown:
+        raise RecipeError(f"unknown key {show(f'generation.{unknown[0]}')}{suggest(str(unknown[0]), vars(gen))}")
+    try:
+        GenerationConfig(**settings).validate(strict=True)
+    except Exception as e:  # noqa: BLE001 - as in construct
+        raise hf_error("generation", e) from None
+
+
+def warn_remote_code(model: Any) -> None:
+    """model.trust_remote_code runs the model repository's Python: say so, every run."""
+    log.warning(
+        "model.trust_remote_code is on: Python code from %s will run on this machine; "
+        "keep it on only for a repository you trust (pin model.revision to the commit you reviewed)",
+        " and ".join(repr(x) for x in (model.name_or_path, model.encoder, model.decoder) if x) or "the model",
+    )
