@@ -197,7 +197,9 @@ def _print_report(s: dict) -> None:
         typer.echo(f"  {key:<28} {value}")
     _print_metrics(s["final_metrics"])
     nxt = f"llmkit evaluate {out} --split test"
-    if s["task"] not in ("mlm", "clm"):
+    from llmkit.tasks import get_task
+
+    if get_task(s["task"]).predict is not None:
         nxt += f"   |   llmkit predict {out} -i inputs.jsonl -o preds.jsonl"
     if s["trainable_parameters"] < s["parameters"]:
         nxt += f"   |   llmkit export {out} {out}-merged --merge"
@@ -278,8 +280,10 @@ def check(
         r = _load(recipe, overrides)
         _setup_logging()
         from llmkit import preflight
+        from llmkit.tasks import get_task
 
-        task, raw, tokenizer = preflight.load_data(r)
+        task = get_task(r.task)
+        raw, tokenizer = preflight.load_data(r, task)
         report = preflight.build_report(r, task, raw, tokenizer)
         typer.echo(preflight.format_report(report))
         path = json_path or preflight.default_path(r)

@@ -109,12 +109,6 @@ def conll_as_jsonl(path: str) -> str:
 # --------------------------------------------------------------------------- loading
 
 
-def _as_list(value: str | list[str] | None) -> list[str]:
-    if value is None:
-        return []
-    return [value] if isinstance(value, str) else list(value)
-
-
 def _blank(path: Path) -> bool:
     """True for an empty or whitespace-only file (read at most 64 KB)."""
     with path.open("rb") as f:
@@ -125,7 +119,7 @@ def _blank(path: Path) -> bool:
 def _local_files(recipe: Recipe) -> dict[str, list[str]]:
     files = {}
     for split in SPLITS:
-        paths = _as_list(getattr(recipe.data, split))
+        paths = recipe.data.files(split)
         for p in paths:
             if Path(p).is_file() and _blank(Path(p)):
                 raise DataError(f"data file is empty: {p} (data.{split}); point data.{split} at a file with rows")
@@ -441,68 +435,11 @@ def require_columns(ds: Dataset, needed: dict[str, str], split: str) -> None:
 
 def split_origin(recipe: Recipe, split: str) -> str:
     """'validation split (data/val.jsonl)': where a split's rows came from, for error messages."""
-    files = _as_list(getattr(recipe.data, split, None))
+    files = recipe.data.files(split)
     if files:
         return f"{split} split ({', '.join(files)})"
     if split == "validation" and recipe.data.train is not None and recipe.data.validation_split > 0:
-        return f"validation split (carved from data.train {', '.join(_as_list(recipe.data.train))})"
+        return f"validation split (carved from data.train {', '.join(recipe.data.files('train'))})"
     if recipe.data.load:
         return f"{split} split of {recipe.data.load.get('path')}"
     return f"{split} split"
-
-
-def drop_bad_rows(recipe: Recipe, ds: Dataset, split: str, reason_of: Any, can_keep: bool = True) -> Dataset:
-    """Apply data.on_bad_rows to the rows for which `reason_of(row)` returns a reason.
-
-    error: fail on the first bad row (naming split, row and fix); skip: drop them, with one warning;
-    warn: keep them with one warning (dropped anyway when `can_keep` is False: they cannot be used).
-    """
-    import logging
-
-    bad = [(i, why) for i, row in enumerate(ds) if (why := reason_of(row))]
-    if not bad:
-        return ds
-    policy = recipe.data.on_bad_rows
-    first_row, first_why = bad[0]
-    where = split_origin(recipe, split)
-    if policy == "error":
-        more = f" ({len(bad)} bad rows in all)" if len(bad) > 1 else ""
-        raise DataError(
-            f"{where}, row {first_row}: {first_why}{more}; fix the data, or set data.on_bad_rows=skip to drop such rows"
-        )
-    log = logging.getLogger("llmkit")
-    if policy == "warn" and can_keep:
-        log.warning("%s: %d bad rows kept (first: row %d: %s)", where, len(bad), first_row, first_why)
-        return ds
-    log.warning("%s: %d bad rows dropped (first: row %d: %s)", where, len(bad), first_row, first_why)
-    drop = {i for i, _ in bad}
-    return ds.select([i for i in range(len(ds)) if i not in drop])
-
-
-def tokenize_splits(
-    recipe: Recipe,
-    ds: DatasetDict,
-    encode: Any,
-    *,
-    columns: dict[str, str] | None = None,
-    bad: Any = None,
-    can_keep: bool = True,
-) -> DatasetDict:
-    """Per split: check the role columns, apply data.on_bad_rows with `bad`, then tokenize with the
-    batched `encode` (cached by datasets' fingerprint), dropping the raw columns."""
-    from datasets import DatasetDict
-
-    out = {}
-    for split, data in ds.items():
-        if columns:
-            require_columns(data, columns, split)
-        if bad is not None:
-            data = drop_bad_rows(recipe, data, split, bad, can_keep=can_keep)
-        out[split] = data.map(
-            encode,
-            batched=True,
-            remove_columns=data.column_names,
-            num_proc=recipe.data.num_proc,
-            desc=f"Tokenizing {split}",
-        )
-    return DatasetDict(out)

@@ -14,8 +14,8 @@ from llmkit.errors import RecipeError, first_line
 from llmkit.files import atomic_write
 
 
-def classification_scores(predictions: Any, references: Any, multi_label: bool = False) -> dict[str, float]:
-    """Accuracy (subset accuracy for multi-label), macro/micro F1, macro precision and recall."""
+def classification_scores(predictions: Any, references: Any) -> dict[str, float]:
+    """Accuracy (subset accuracy for multi-label indicator rows), macro/micro F1, macro precision and recall."""
     import numpy as np
     from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
 
@@ -102,10 +102,10 @@ def _module(name: str) -> Any:
     from datasets import Features, Sequence, Value
 
     features, fn = {
-        "classification": ({"predictions": Value("int64"), "references": Value("int64")}, classification_scores),
-        "multilabel": (
+        "accuracy_f1": ({"predictions": Value("int64"), "references": Value("int64")}, classification_scores),
+        "multilabel_accuracy_f1": (
             {"predictions": Sequence(Value("int64")), "references": Sequence(Value("int64"))},
-            lambda p, r: classification_scores(p, r, multi_label=True),
+            classification_scores,
         ),
         "seqeval": (
             {"predictions": Sequence(Value("string")), "references": Sequence(Value("string"))},
@@ -149,7 +149,7 @@ class LocalMetric:
         return getattr(self._module, attr)
 
 
-LOCAL_METRICS = ("classification", "multilabel", "seqeval", "rouge")
+LOCAL_METRICS = ("accuracy_f1", "multilabel_accuracy_f1", "seqeval", "rouge")
 
 
 def load_metric(name: str) -> Any:

@@ -29,9 +29,7 @@ _GPT = {"bos": "<|endoftext|>", "eos": "<|endoftext|>", "unk": "<|endoftext|>", 
 def _specials(kind: str, task: Task) -> dict[str, str]:
     if kind == "wordpiece":
         return _BERT
-    if task.name == "clm":
-        return _GPT
-    return _ROBERTA
+    return _GPT if task.causal else _ROBERTA
 
 
 def _offline_hint() -> str:

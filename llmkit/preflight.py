@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from llmkit import data, modeling, rows
 from llmkit.data import require_columns, split_origin
 from llmkit.files import atomic_write
 
@@ -36,27 +37,13 @@ def _no_text(value: Any) -> bool:
     return not isinstance(value, str) or not value.strip()
 
 
-def _columns(recipe: Recipe, task: Task) -> dict[str, str]:
-    """Role -> column for every role the task reads (data.columns.ROLE overrides the task's default)."""
-    cols = {role: task.column(recipe, role) for role in task.columns}
-    if "text_pair" in recipe.data.columns:  # classification's optional second text
-        cols["text_pair"] = recipe.data.columns["text_pair"]
-    return cols
+def _of_kind(task: Task, cols: dict[str, str], *kinds: str) -> list[str]:
+    """The columns (of `cols`, role -> column) whose roles are of these kinds, in role order."""
+    return [column for role, column in cols.items() if task.roles[role].kind in kinds]
 
 
 def _is_list(column: Any) -> bool:
     return pa.types.is_list(column.type) or pa.types.is_large_list(column.type)
-
-
-def _blank_mask(column: Any) -> Any:
-    """Per row: empty or whitespace-only text, an empty list, or no value."""
-    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-        mask = pc.equal(pc.utf8_trim_whitespace(column), "")
-    elif _is_list(column):
-        mask = pc.equal(pc.list_value_length(column), 0)
-    else:  # a number or nothing where text belongs
-        return np.ones(len(column), dtype=bool)
-    return pc.fill_null(mask, True).to_numpy()
 
 
 def _keys(table: Any, columns: list[str]) -> list[int]:
@@ -132,9 +119,10 @@ def _token_facts(recipe: Recipe, task: Task, data: Dataset, cols: dict[str, str]
     """Tokenized lengths (of an even sample of large splits): truncation against data.max_length
     (max_target_length for targets), or, for the packed pretraining tasks, tokens per document."""
     sample = _sample(data)
-    source = cols.get("tokens") or cols.get("document") or cols["text"]
-    pair, target = cols.get("text_pair"), cols.get("summary")
-    words = "tokens" in cols
+    source = cols[task.input_role]
+    pair = next(iter(_of_kind(task, cols, rows.PAIR)), None)
+    target = next(iter(_of_kind(task, cols, rows.TARGET)), None)
+    words = task.roles[task.input_role].kind == rows.WORDS
     prefix = getattr(recipe.options, "source_prefix", "") or ""
     usable = (lambda v: isinstance(v, list) and v) if words else (lambda v: not _no_text(v))  # bad rows are left out
     sources: list[int] = []
@@ -163,46 +151,32 @@ def _token_facts(recipe: Recipe, task: Task, data: Dataset, cols: dict[str, str]
 
 
 def _scan(recipe: Recipe, task: Task, data: Dataset, cols: dict[str, str]) -> tuple[dict, list[int]]:
-    """Column-wise pass over a split: empty and bad rows, label counts, NER tag checks; and its rows' keys."""
-    inputs = [cols[r] for r in (*task.input_columns, "text_pair") if r in cols]
-    needed = [cols[r] for r in ("document", "summary") if r in cols] or [cols[task.input_columns[0]]]
-    label = cols.get("label") or cols.get("tags")
+    """One pass over a split: the row rules (the run's own, from rows.py), label counts, NER tag-scheme checks;
+    and the keys of its non-empty rows."""
+    inputs = _of_kind(task, cols, rows.TEXT, rows.PAIR, rows.WORDS)
+    label = next(iter(_of_kind(task, cols, rows.LABEL, rows.TAGS)), None)
+    tags = next(iter(_of_kind(task, cols, rows.TAGS)), None)
     names = _label_names(recipe, data, label)
-    tokens, tags = cols.get("tokens"), cols.get("tags")
-    ruled = not task.tokens_per_sample  # the fine-tuning tasks apply data.on_bad_rows; packing drops empty texts
-    facts: dict[str, Any] = {"rows": len(data), "empty_rows": 0}
-    if ruled:
-        facts.update(bad_rows=0, first_bad_row=None)
+    problems = dict(rows.scan(data, list(task.checked_columns(recipe).values())))  # row -> (what, message)
+    empty = {i for i, (what, _) in problems.items() if what == "empty"}
+    facts: dict[str, Any] = {"rows": len(data), "empty_rows": len(empty)}
+    if not task.tokens_per_sample:  # the fine-tuning tasks apply data.on_bad_rows; packing drops empty texts
+        first = next(iter(problems.items()), None)
+        facts.update(bad_rows=len(problems), first_bad_row=first and {"row": first[0], "problem": first[1][1]})
     if tags:
-        facts.update(length_mismatches=0, tag_scheme_violations=0, first_tag_scheme_violation=None)
+        mismatches = sum(what == "mismatch" for what, _ in problems.values())
+        facts.update(length_mismatches=mismatches, tag_scheme_violations=0, first_tag_scheme_violation=None)
     counts: Counter = Counter()
     keys: list[int] = []  # of the non-empty rows
     offset = 0
-    table_batches = data.select_columns(list(dict.fromkeys(cols.values()))).with_format("arrow").iter(SCAN_BATCH)
-    for table in table_batches:
-        blanks = {name: _blank_mask(table[name]) for name in needed}
-        blank = np.logical_or.reduce(list(blanks.values()))
-        facts["empty_rows"] += int(blank.sum())
-        keys += (k for k, b in zip(_keys(table, inputs), blank, strict=True) if not b)
-        bad = blank
-        if tags and _is_list(table[tokens]) and _is_list(table[tags]):
-            lengths = pc.not_equal(pc.list_value_length(table[tokens]), pc.list_value_length(table[tags]))
-            mismatch = pc.fill_null(lengths, False).to_numpy()
-            facts["length_mismatches"] += int(mismatch.sum())
-            bad = blank | mismatch
-            rows, first = _first_violations(table[tags], names)
-            facts["tag_scheme_violations"] += len(rows)
-            if first and facts["first_tag_scheme_violation"] is None:
-                row, token, tag, after = first
+    for table in data.select_columns(list(dict.fromkeys(cols.values()))).with_format("arrow").iter(SCAN_BATCH):
+        keys += (k for i, k in enumerate(_keys(table, inputs)) if offset + i not in empty)
+        if tags and _is_list(table[tags]):
+            violating, first_violation = _first_violations(table[tags], names)
+            facts["tag_scheme_violations"] += len(violating)
+            if first_violation and facts["first_tag_scheme_violation"] is None:
+                row, token, tag, after = first_violation
                 facts["first_tag_scheme_violation"] = {"row": offset + row, "token": token, "tag": tag, "after": after}
-        if ruled and bad.any():
-            facts["bad_rows"] += int(bad.sum())
-            if facts["first_bad_row"] is None:
-                i = int(np.flatnonzero(bad)[0])
-                why = next((f"empty {name}" for name, mask in blanks.items() if mask[i]), None)
-                if why is None:  # the tokens and tags differ in number
-                    why = f"{len(table[tokens][i])} tokens but {len(table[tags][i])} tags"
-                facts["first_bad_row"] = {"row": offset + i, "problem": why}
         if label:
             column = table[label]
             counted = pc.value_counts(pc.list_flatten(column) if _is_list(column) else column)
@@ -218,13 +192,13 @@ def _scan(recipe: Recipe, task: Task, data: Dataset, cols: dict[str, str]) -> tu
 def build_report(recipe: Recipe, task: Task, raw: DatasetDict, tokenizer: Any) -> dict:
     """The preflight report of `raw` (as load_splits returns it): a JSON-able dict, nothing raised or logged
     for problems in the rows (enforce() does that)."""
-    cols = _columns(recipe, task)
+    cols = task.columns(recipe)
     report: dict[str, Any] = {
         "recipe": recipe.recipe_file,
         "task": task.name,
         "on_bad_rows": recipe.data.on_bad_rows,
         "max_length": recipe.data.max_length,
-        **({"max_target_length": recipe.data.max_target_length} if "summary" in cols else {}),
+        **({"max_target_length": recipe.data.max_target_length} if _of_kind(task, cols, rows.TARGET) else {}),
         "splits": {},
         "warnings": [],
     }
@@ -313,17 +287,12 @@ def preflight(recipe: Recipe, task: Task, raw: DatasetDict, tokenizer: Any) -> d
 # --------------------------------------------------------------------------- `llmkit check`
 
 
-def load_data(recipe: Recipe) -> tuple[Task, DatasetDict, Any]:
-    """The task, the raw splits and the tokenizer, obtained as a run obtains them (labels resolved), untokenized."""
-    from llmkit import data, modeling
-    from llmkit.tasks import get_task
-
-    task = get_task(recipe.task)
+def load_data(recipe: Recipe, task: Task) -> tuple[DatasetDict, Any]:
+    """The raw splits (labels resolved into options.labels) and the tokenizer, as every run and `check` get them."""
     raw = data.load_splits(recipe, seed=recipe.args.seed if recipe.args is not None else 42)
-    labels = task.labels(recipe, raw)
-    if labels is not None:
-        recipe.options.labels = labels
-    return task, raw, modeling.get_tokenizer(recipe, task, raw["train"])
+    if task.labels is not None:
+        recipe.options.labels = task.labels(recipe, raw)
+    return raw, modeling.get_tokenizer(recipe, task, raw["train"])
 
 
 def default_path(recipe: Recipe) -> Path | None:

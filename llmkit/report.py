@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from llmkit.data import SPLITS
 from llmkit.errors import LlmkitError
 from llmkit.metrics import CONFUSION
 from llmkit.recipefile import dump_yaml
@@ -125,15 +126,7 @@ def plot_confusion(run_dir: Path, out_dir: Path) -> Path | None:
 def model_card(recipe: Any, task: Any, summary: dict) -> str:
     """A Hugging Face model card (README.md): metadata header, results, training, data, how to load, recipe."""
     data = recipe.data
-    datasets = (
-        [data.load["path"]]
-        if data.load
-        else [
-            Path(p).name
-            for s in ("train", "validation", "test")
-            for p in ([getattr(data, s)] if isinstance(getattr(data, s), str) else getattr(data, s) or [])
-        ]
-    )
+    datasets = [data.load["path"]] if data.load else [Path(p).name for s in SPLITS for p in data.files(s)]
     if data.source:
         datasets = [f"llmkit built-in corpus: {data.source}"]
     metrics = {

@@ -184,19 +184,15 @@ def prepare_data(
     """
     from datasets import DatasetDict
 
-    from llmkit import data, modeling, preflight
+    from llmkit import preflight
 
     with args.main_process_first(desc="loading and tokenizing data"):
-        raw = data.load_splits(recipe, seed=args.seed)
+        raw, tokenizer = preflight.load_data(recipe, task)
         if only is not None and only not in raw:
             raise LlmkitError(
                 f"the data has no {only!r} split (splits: {', '.join(raw)}); "
                 f"name it with data.{only}=path/to/file or pick another --split"
             )
-        labels = task.labels(recipe, raw)
-        if labels is not None:
-            recipe.options.labels = labels
-        tokenizer = modeling.get_tokenizer(recipe, task, raw["train"])
         if report is not None:
             report.update(preflight.preflight(recipe, task, raw, tokenizer))
         todo = DatasetDict({only: raw[only]}) if only else raw
@@ -477,7 +473,7 @@ def recipe_for_evaluation(target: Path, overrides: list[str]) -> Recipe:
             (f for f in (target / "config.json", target / "base_model" / "config.json") if f.exists()), None
         )
         config = json.loads(config_file.read_text()) if config_file else {}
-        if "id2label" in config and "labels" in getattr(get_task(raw.get("task")).Options, "__dataclass_fields__", {}):
+        if "id2label" in config and get_task(raw.get("task")).labels is not None:
             # The trained head's label order, not one re-derived from (possibly different) data.
             id2label = config["id2label"]
             raw.setdefault("options", {})["labels"] = [id2label[str(i)] for i in range(len(id2label))]
@@ -611,7 +607,7 @@ def predict(recipe: Recipe, input_path: Path, output_path: Path, overwrite: bool
     output_path = Path(output_path)
     previous = _previous_predictions(output_path, Path(input_path), overwrite)
     rows = read_inputs(input_path)
-    column = task.column(recipe, task.input_columns[0])
+    column = task.column(recipe, task.input_role)
     for i, row in enumerate(rows):
         if column not in row:
             if "text" not in row:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from llmkit.data import require_columns, tokenize_splits
+from llmkit.data import require_columns
 from llmkit.errors import DataError, RecipeError
-from llmkit.tasks import Task
+from llmkit.rows import LABEL, PAIR, TEXT, tokenize_splits
 from llmkit.tasks._labels import feature_names, label_config, resolve_labels
+from llmkit.tasks.base import Role, Task
 
 SINGLE, MULTI = "single_label_classification", "multi_label_classification"
 
@@ -75,14 +76,7 @@ def _preprocess(recipe: Any, ds: Any, tokenizer: Any) -> Any:
                 enc["labels"] = [to_id(v) for v in batch[label]]
         return enc
 
-    def bad(row: dict) -> str | None:
-        for column in (text, pair) if pair else (text,):
-            if row[column] is not None and not isinstance(row[column], str):
-                return f"{column} is {row[column]!r:.40}, not a string"
-        return None if row[text] and row[text].strip() else "empty text"
-
-    roles = {"text": text, **({"text_pair": pair} if pair else {})}
-    return tokenize_splits(recipe, ds, encode, columns=roles, bad=bad)
+    return tokenize_splits(recipe, ds, encode, TASK.checked_columns(recipe))
 
 
 def _model_kwargs(recipe: Any) -> dict:
@@ -93,7 +87,7 @@ def _metrics(recipe: Any, tokenizer: Any, eval_ds: Any) -> tuple[Any, Any]:
     from llmkit.metrics import compute_extra, confusion_counts, extra_metrics, load_metric, save_confusion
 
     multi = _multi(recipe)
-    module = load_metric("multilabel" if multi else "classification")
+    module = load_metric("multilabel_accuracy_f1" if multi else "accuracy_f1")
     extra = extra_metrics(recipe.metrics)
     threshold = recipe.options.threshold
 
@@ -159,7 +153,7 @@ TASK = Task(
     auto_model="AutoModelForSequenceClassification",
     peft_task_type="SEQ_CLS",
     Options=Options,
-    columns={"text": "text", "label": "label"},
+    roles={"text": Role(TEXT, "text"), "text_pair": Role(PAIR), "label": Role(LABEL, "label")},
     preprocess=_preprocess,
     collator=lambda recipe, tokenizer, model: __import__("transformers").DataCollatorWithPadding(tokenizer),
     corpus=lambda recipe, train: (t for t in train[_cols(recipe)[0]] if isinstance(t, str)),
@@ -167,7 +161,6 @@ TASK = Task(
     labels=_labels,
     model_kwargs=_model_kwargs,
     predict=_predict,
-    input_columns=("text",),
     validate=_validate,
     # Batches of similar lengths: dynamic padding then pads little (megabatches stay shuffled).
     trainer_defaults={"train_sampling_strategy": "group_by_length"},

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from llmkit.tasks import Task
+from llmkit.rows import TEXT
 from llmkit.tasks._packing import pack, text_corpus
+from llmkit.tasks.base import Role, Task
 
 
 @dataclass
@@ -43,7 +44,8 @@ TASK = Task(
     auto_model="AutoModelForCausalLM",
     peft_task_type="CAUSAL_LM",
     Options=Options,
-    columns={"text": "text"},
+    roles={"text": Role(TEXT, "text")},
+    causal=True,
     preprocess=_preprocess,
     collator=lambda recipe, tokenizer, model: collate_blocks,
     corpus=lambda recipe, train: text_corpus(TASK.column(recipe, "text"))(recipe, train),

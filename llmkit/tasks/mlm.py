@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmkit.errors import RecipeError
-from llmkit.tasks import Task
+from llmkit.rows import TEXT
 from llmkit.tasks._packing import pack, text_corpus
+from llmkit.tasks.base import Role, Task
 
 
 @dataclass
@@ -28,14 +29,11 @@ def _need_mask_token(tokenizer: Any) -> None:
 def _seed_masks(collator: Any, value: int) -> None:
     """Make `collator` mask with a generator seeded by `value` instead of the global RNG.
 
-    DataCollatorForLanguageModeling keeps a generator it finds while the process id matches.
+    DataCollatorForLanguageModeling draws its masks from `collator.generator` (None: the global RNG).
     """
-    import os
-
     import torch
 
     collator.generator = torch.Generator().manual_seed(value)
-    collator._generator_pid = os.getpid()
 
 
 def _collator(recipe: Any, tokenizer: Any, model: Any) -> Any:
@@ -163,7 +161,7 @@ TASK = Task(
     auto_model="AutoModelForMaskedLM",
     peft_task_type="FEATURE_EXTRACTION",
     Options=Options,
-    columns={"text": "text"},
+    roles={"text": Role(TEXT, "text")},
     preprocess=_preprocess,
     collator=_collator,
     corpus=lambda recipe, train: text_corpus(TASK.column(recipe, "text"))(recipe, train),

@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from llmkit.data import require_columns, split_origin, tokenize_splits
+from llmkit.data import require_columns, split_origin
 from llmkit.errors import DataError
-from llmkit.tasks import Task
+from llmkit.rows import TAGS, WORDS, tokenize_splits
 from llmkit.tasks._labels import feature_names, label_config, resolve_labels
+from llmkit.tasks.base import Role, Task
 
 IGNORE = -100  # the label id the loss and the metrics skip
 
@@ -79,16 +80,6 @@ def _preprocess(recipe: Any, ds: Any, tokenizer: Any) -> Any:
     index = {n: i for i, n in enumerate(names)}
     b_to_i = _b_to_i(names)
 
-    def bad(row: dict) -> str | None:
-        for role, column in (("tokens", tokens), ("tags", tags)):
-            if row[column] is not None and not isinstance(row[column], list):
-                return f"{role} must be a list (one per word), got {row[column]!r:.40}"
-        if not row[tokens]:
-            return "no tokens"
-        if row[tags] is not None and len(row[tokens]) != len(row[tags]):
-            return f"{len(row[tokens])} tokens but {len(row[tags])} tags"
-        return None
-
     def encode(batch: dict[str, list]) -> dict[str, list]:
         enc = tokenizer(batch[tokens], is_split_into_words=True, truncation=True, max_length=recipe.data.max_length)
         enc["labels"] = [
@@ -102,7 +93,7 @@ def _preprocess(recipe: Any, ds: Any, tokenizer: Any) -> Any:
         ]
         return enc
 
-    return tokenize_splits(recipe, ds, encode, columns={"tokens": tokens, "tags": tags}, bad=bad, can_keep=False)
+    return tokenize_splits(recipe, ds, encode, TASK.checked_columns(recipe), can_keep=False)
 
 
 def to_tags(predictions: Any, label_ids: Any, names: list[str]) -> tuple[list[list[str]], list[list[str]]]:
@@ -184,7 +175,7 @@ TASK = Task(
     auto_model="AutoModelForTokenClassification",
     peft_task_type="TOKEN_CLS",
     Options=Options,
-    columns={"tokens": "tokens", "tags": "ner_tags"},
+    roles={"tokens": Role(WORDS, "tokens"), "tags": Role(TAGS, "ner_tags")},
     preprocess=_preprocess,
     collator=lambda recipe, tokenizer, model: __import__("transformers").DataCollatorForTokenClassification(tokenizer),
     corpus=lambda recipe, train: (" ".join(ws) for ws in train[_cols(recipe)[0]] if ws),
@@ -192,7 +183,6 @@ TASK = Task(
     labels=_labels,
     model_kwargs=lambda recipe: label_config(recipe.options.labels),
     predict=_predict,
-    input_columns=("tokens",),
     # Batches of similar lengths: dynamic padding then pads little (megabatches stay shuffled).
     trainer_defaults={"train_sampling_strategy": "group_by_length"},
     tokens_per_sample=False,

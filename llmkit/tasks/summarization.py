@@ -6,8 +6,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from llmkit.data import tokenize_splits
-from llmkit.tasks import Task
+from llmkit.rows import REFERENCES, TARGET, TEXT, tokenize_splits
+from llmkit.tasks.base import Role, Task
 
 
 @dataclass
@@ -19,21 +19,10 @@ def _cols(recipe: Any) -> tuple[str, str, str | None]:
     return TASK.column(recipe, "document"), TASK.column(recipe, "summary"), recipe.data.columns.get("references")
 
 
-def _empty(value: Any) -> bool:
-    return not isinstance(value, str) or not value.strip()
-
-
 def _preprocess(recipe: Any, ds: Any, tokenizer: Any) -> Any:
 
     doc, summ, refs = _cols(recipe)
     prefix = recipe.options.source_prefix
-
-    def bad(row: dict) -> str | None:
-        if _empty(row[doc]):
-            return f"empty source ({doc})"
-        if summ in row and _empty(row[summ]):
-            return f"empty target ({summ})"
-        return None
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
         enc = tokenizer([prefix + d for d in batch[doc]], truncation=True, max_length=recipe.data.max_length)
@@ -46,7 +35,7 @@ def _preprocess(recipe: Any, ds: Any, tokenizer: Any) -> Any:
             enc["references"] = batch[refs] if refs and refs in batch else [[s] for s in batch[summ]]
         return enc
 
-    return tokenize_splits(recipe, ds, encode, columns={"document": doc, "summary": summ}, bad=bad, can_keep=False)
+    return tokenize_splits(recipe, ds, encode, TASK.checked_columns(recipe), can_keep=False)
 
 
 def _collator(recipe: Any, tokenizer: Any, model: Any) -> Any:
@@ -134,13 +123,12 @@ TASK = Task(
     auto_model="AutoModelForSeq2SeqLM",
     peft_task_type="SEQ_2_SEQ_LM",
     Options=Options,
-    columns={"document": "document", "summary": "summary"},
+    roles={"document": Role(TEXT, "document"), "summary": Role(TARGET, "summary"), "references": Role(REFERENCES)},
     preprocess=_preprocess,
     collator=_collator,
     corpus=lambda recipe, train: (t for c in _cols(recipe)[:2] for t in train[c] if isinstance(t, str)),
     metrics=_metrics,
     predict=_predict,
-    input_columns=("document",),
     trainer_defaults={"predict_with_generate": True, "train_sampling_strategy": "group_by_length"},
     seq2seq=True,
     tokens_per_sample=False,

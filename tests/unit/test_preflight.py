@@ -39,9 +39,8 @@ def _splits(**splits):
 def _report(recipe, raw, tokenizer):
     """The report as a run makes it: the task's labels() first (it sets options.labels)."""
     task = get_task(recipe.task)
-    labels = task.labels(recipe, raw)
-    if labels is not None:
-        recipe.options.labels = labels
+    if task.labels is not None:
+        recipe.options.labels = task.labels(recipe, raw)
     return preflight.build_report(recipe, task, raw, tokenizer)
 
 

@@ -202,7 +202,7 @@ def test_summarization_multi_reference_and_bad_rows(tokenizer):
         }
     )
     task = get_task("summarization")
-    with pytest.raises(DataError, match="row 1: empty source"):
+    with pytest.raises(DataError, match="row 1: empty document"):
         task.preprocess(recipe, ds, tokenizer)
     recipe.data.on_bad_rows = "skip"
     out = task.preprocess(recipe, ds, tokenizer)["validation"]
@@ -221,7 +221,7 @@ def test_classification_metrics_on_toy_predictions():
     s = classification_scores([1, 0, 1, 1], [1, 0, 0, 1])
     assert s["accuracy"] == 0.75 and s["f1_micro"] == 0.75
     assert s["f1_macro"] == pytest.approx((2 / 3 + 0.8) / 2)
-    module = load_metric("classification")
+    module = load_metric("accuracy_f1")
     assert module.compute(predictions=[1, 0, 1, 1], references=[1, 0, 0, 1]) == s
 
 
@@ -232,7 +232,7 @@ def test_builtin_metrics_import_evaluate_only_when_computed():
 
     code = (
         "import sys\nfrom llmkit.metrics import load_metric\n"
-        "m = {n: load_metric(n) for n in ('classification', 'multilabel', 'seqeval', 'rouge')}\n"
+        "m = {n: load_metric(n) for n in ('accuracy_f1', 'multilabel_accuracy_f1', 'seqeval', 'rouge')}\n"
         "assert 'evaluate' not in sys.modules\n"
         "assert m['seqeval'].compute(predictions=[['B-PER', 'O']], references=[['B-PER', 'O']])['f1'] == 1.0\n"
         "assert 'evaluate' in sys.modules"
