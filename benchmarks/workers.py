@@ -79,12 +79,12 @@ def _finish(result: dict) -> None:
 
 
 def run_llmkit(spec: dict) -> None:
-    from llmkit import run
+    from llmkit import engine
     from llmkit.config import load_recipe, resolve
 
     recipe = resolve(load_recipe(spec["recipe"], spec["overrides"]))
     t = timer(spec["warmup"])
-    summary = run.train(recipe, overwrite=True, callbacks=[t])
+    summary = engine.train(recipe, overwrite=True, callbacks=[t])
     args = recipe.args
     out = t.result(args.per_device_train_batch_size * args.gradient_accumulation_steps)
     final = summary["final_metrics"]

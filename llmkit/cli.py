@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import gc
 import os
-import shlex
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import typer
 
 from llmkit import __version__
-from llmkit.errors import Interrupted, LlmkitError, first_line
+from llmkit.console import guarded, print_estimate, print_metrics, print_report, setup_logging
+from llmkit.errors import LlmkitError
 
 # Plain (Click) help instead of Rich panels: importing rich and markdown-it was most of `llmkit --help`'s time.
 app = typer.Typer(
@@ -54,110 +53,10 @@ def _root(
     os.environ["LLMKIT_VERBOSITY"] = "quiet" if quiet else "verbose" if verbose else "normal"
 
 
-def _setup_logging() -> None:
-    import logging
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # Under torchrun/accelerate only rank 0 reports progress; the other ranks speak up for problems only.
-    rank = int(os.environ.get("RANK", "0"))
-    verbosity = os.environ.get("LLMKIT_VERBOSITY", "normal")
-    level = logging.WARNING if verbosity == "quiet" or rank > 0 else logging.INFO
-    # Other libraries' info messages (rouge_score says "Using default tokenizer." at every evaluation) only under -v.
-    root = level if verbosity == "verbose" else logging.WARNING
-    logging.basicConfig(level=root, format="[llmkit] %(message)s", stream=sys.stderr, force=True)
-    logging.getLogger("llmkit").setLevel(level)
-    import datasets
-    import transformers
-
-    transformers.logging.set_verbosity_info() if verbosity == "verbose" else transformers.logging.set_verbosity_warning()
-    if verbosity == "quiet" or not sys.stderr.isatty():
-        # No live bars in logs and pipes (their carriage returns pile up); the run prints lines instead.
-        datasets.disable_progress_bars()
-        transformers.logging.disable_progress_bar()
-    else:
-        from llmkit.progress import transient_bar
-
-        transformers.logging.set_tqdm_hook(transient_bar)
-    _end_of_startup()
-
-
-def _end_of_startup() -> None:
-    """Let the garbage collector back in (see main), with everything the imports built frozen out of its scans."""
-    if not gc.isenabled():  # only under main(): a fresh process, so what is tracked now is the libraries'
-        gc.freeze()
-        gc.enable()
-
-
-def guarded(debug: bool, fn: Callable[[], Any]) -> Any:
-    """Run `fn`, turning errors into exit codes: 2 for recipe/data errors, 130 interrupted, 1 otherwise."""
-    try:
-        return fn()
-    except LlmkitError as e:
-        if debug:
-            raise
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
-    except Interrupted as e:
-        words = [w for w in sys.argv[1:] if w not in ("--overwrite", "--resume")]
-        typer.echo(f"interrupted: {e}. Resume with: llmkit {shlex.join(words)} --resume", err=True)
-        raise typer.Exit(130) from None
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        raise typer.Exit(130) from None
-    except (typer.Exit, typer.Abort):
-        raise
-    except BrokenPipeError as e:
-        if not _stdout_reader_gone():
-            return _fail(e, debug)
-        # `llmkit recipes | head`: the reader left; nothing to say, and no one to say it to.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise typer.Exit(0) from None
-    except Exception as e:  # noqa: BLE001 - the last line of defence: one line, not a traceback
-        return _fail(e, debug)
-
-
-def _fail(e: Exception, debug: bool) -> Any:
-    if debug:
-        raise e
-    first = first_line(e, default="")
-    typer.echo(f"error: {type(e).__name__}: {first} (run again with --debug for the traceback)", err=True)
-    raise typer.Exit(1) from None
-
-
-def _stdout_reader_gone() -> bool:
-    """True when stdout is a pipe whose reading end was closed (not some other broken pipe, e.g. a socket)."""
-    import select
-
-    try:
-        poller = select.poll()
-        poller.register(sys.stdout.fileno(), select.POLLOUT)
-        return any(events & select.POLLERR for _, events in poller.poll(0))
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def _load(recipe: Path, overrides: list[str] | None) -> Any:
     from llmkit.config import load_recipe, resolve
 
     return resolve(load_recipe(recipe, overrides or []))
-
-
-def _print_estimate(est: dict) -> None:
-    typer.echo("\nEstimate:")
-    for key, value in est.items():
-        if isinstance(value, float):
-            value = f"{value:.2f}"
-        elif isinstance(value, int) and not isinstance(value, bool):
-            value = f"{value:,}"
-        typer.echo(f"  {key:<22} {value}")
-
-
-def _print_metrics(metrics: dict) -> None:
-    """The metrics as a table, without the timing and bookkeeping entries (the JSON files keep them)."""
-    skip = ("_runtime", "_per_second", "_preparation_time", "epoch", "split", "samples")
-    for key, value in metrics.items():
-        if not key.endswith(skip):
-            typer.echo(f"  {key:<28} {value:.4f}" if isinstance(value, float) else f"  {key:<28} {value}")
 
 
 def _train_command(
@@ -166,44 +65,17 @@ def _train_command(
     from llmkit.recipefile import dump_yaml
 
     r = _load(recipe, overrides)
-    from llmkit import run
+    from llmkit import engine, rundir
 
-    run.check_stage(r, stage)
-    _setup_logging()
+    engine.check_stage(r, stage)
+    setup_logging()
     if dry_run:
-        typer.echo(dump_yaml(run.resolved_dict(r)).rstrip())
-        _print_estimate(run.train(r, dry_run=True))
+        typer.echo(dump_yaml(rundir.resolved_dict(r)).rstrip())
+        print_estimate(engine.train(r, dry_run=True))
         return
-    summary = run.train(r, overwrite=overwrite, resume=resume)
+    summary = engine.train(r, overwrite=overwrite, resume=resume)
     if summary:
-        _print_report(summary)
-
-
-def _print_report(s: dict) -> None:
-    """The end-of-run table (the same facts as summary.json) and the next command to try."""
-    out = s["output_dir"]
-    tokens = f", {s['train_tokens_per_second']:,.0f} tokens/s" if s.get("train_tokens_per_second") else ""
-    rows = [
-        ("task", s["task"]),
-        ("model", s["model"]),
-        ("parameters", f"{s['parameters']:,} ({s['trainable_parameters']:,} trained)"),
-        ("steps", f"{s['steps']} ({s['epochs']:.2f} epochs, global batch {s['global_batch_size']})"),
-        ("wall time", f"{s['wall_time_s']:.0f} s"),
-        ("throughput", f"{s['train_samples_per_second'] or 0:.1f} samples/s{tokens}"),
-        ("saved to", f"{out} (model, recipe.yaml, summary.json, plots/, README.md)"),
-    ]
-    typer.echo(f"\nDone in {s['wall_time_s']:.0f}s.")
-    for key, value in rows:
-        typer.echo(f"  {key:<28} {value}")
-    _print_metrics(s["final_metrics"])
-    nxt = f"llmkit evaluate {out} --split test"
-    from llmkit.tasks import get_task
-
-    if get_task(s["task"]).predict is not None:
-        nxt += f"   |   llmkit predict {out} -i inputs.jsonl -o preds.jsonl"
-    if s["trainable_parameters"] < s["parameters"]:
-        nxt += f"   |   llmkit export {out} {out}-merged --merge"
-    typer.echo(f"Next: {nxt}")
+        print_report(summary)
 
 
 @app.command(context_settings=_TRAIN_CTX)
@@ -278,7 +150,7 @@ def check(
 
     def go() -> None:
         r = _load(recipe, overrides)
-        _setup_logging()
+        setup_logging()
         from llmkit import preflight
         from llmkit.tasks import get_task
 
@@ -306,13 +178,13 @@ def evaluate(
     """Compute metrics for a run or any checkpoint on any split."""
 
     def go() -> None:
-        from llmkit import run
+        from llmkit import engine, rundir
 
-        r = run.recipe_for_evaluation(target, overrides or [])
-        _setup_logging()
-        metrics = run.evaluate(r, split)
+        r = rundir.recipe_for_evaluation(target, overrides or [])
+        setup_logging()
+        metrics = engine.evaluate(r, split)
         typer.echo(f"\nMetrics on {split} ({metrics['samples']} samples):")
-        _print_metrics(metrics)
+        print_metrics(metrics)
 
     guarded(debug, go)
 
@@ -332,11 +204,12 @@ def predict(
     """
 
     def go() -> None:
-        from llmkit import run
+        from llmkit import rundir
+        from llmkit.predict import predict as run_predict
 
-        r = run.recipe_for_evaluation(target, overrides or [])
-        _setup_logging()
-        n = run.predict(r, input, output, overwrite=overwrite)
+        r = rundir.recipe_for_evaluation(target, overrides or [])
+        setup_logging()
+        n = run_predict(r, input, output, overwrite=overwrite)
         typer.echo(f"Wrote {n} predictions to {output}")
 
     guarded(debug, go)
@@ -356,10 +229,10 @@ def export(
     """
 
     def go() -> None:
-        from llmkit import run
+        from llmkit.export import export as run_export
 
-        _setup_logging()
-        kind = run.export(run_dir, out_dir, merge=merge, overwrite=overwrite)
+        setup_logging()
+        kind = run_export(run_dir, out_dir, merge=merge, overwrite=overwrite)
         typer.echo(f"Exported the {kind} to {out_dir}")
 
     guarded(debug, go)
@@ -442,7 +315,7 @@ def recipe_show(recipe: Path = RecipeArg, overrides: list[str] = OverridesArg, d
 
     def go() -> None:
         from llmkit.recipefile import dump_yaml
-        from llmkit.run import resolved_dict
+        from llmkit.rundir import resolved_dict
 
         typer.echo(dump_yaml(resolved_dict(_load(recipe, overrides))).rstrip())
 
@@ -453,7 +326,7 @@ def main() -> None:
     """Console-script entry point."""
     # Importing torch, transformers and datasets creates ~450k long-lived objects, which Python's full
     # collections would scan again and again: ~0.7 s before a tiny run's first step. No collections until
-    # the libraries are in (_end_of_startup, called by _setup_logging); after that they are frozen.
+    # the libraries are in (console.end_of_startup, called by setup_logging); after that they are frozen.
     gc.disable()
     try:
         app()

@@ -108,6 +108,11 @@ def check_quantization(settings: dict) -> None:
     construct(BitsAndBytesConfig, settings, "model.quantization")
 
 
+def global_batch_size(args: Any) -> int:
+    """Samples per optimizer step over all processes."""
+    return args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+
+
 def trainer_settings(recipe: Recipe, task_defaults: dict) -> dict:
     """The recipe's trainer section under llmkit's and the task's defaults (the recipe wins); bf16 where fast."""
     trainer = {**TRAINER_DEFAULTS, **task_defaults, **recipe.trainer}

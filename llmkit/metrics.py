@@ -37,6 +37,19 @@ def confusion_counts(predictions: Any, references: Any, n_labels: int) -> list[l
     return confusion_matrix(references, predictions, labels=list(range(n_labels))).tolist()
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss), capped (a diverged run's loss would overflow)."""
+    import math
+
+    return math.exp(min(loss, 50.0))
+
+
+def with_perplexity(metrics: dict, prefix: str = "eval") -> dict:
+    """The metrics with {prefix}_perplexity added from {prefix}_loss (language-model tasks)."""
+    loss = metrics.get(f"{prefix}_loss")
+    return metrics if loss is None else {**metrics, f"{prefix}_perplexity": perplexity(loss)}
+
+
 CONFUSION = "confusion_matrix.json"  # in a run folder, beside summary.json
 
 

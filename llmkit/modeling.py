@@ -441,6 +441,13 @@ def load_adapter_run(run: Path, auto: Any, tokenizer: Any) -> Any:
     return PeftModel.from_pretrained(model, str(run))
 
 
+def head_kwargs(task: Task, recipe: Recipe) -> dict:
+    """The task's model-config kwargs; none for a labelled task whose labels are unknown (take the checkpoint's)."""
+    if getattr(recipe.options, "labels", ()) is None:
+        return {}
+    return task.model_kwargs(recipe)
+
+
 def count_parameters(model: Any) -> tuple[int, int]:
     """(trainable, total) parameter counts; tied weights are counted once."""
     seen, trainable, total = set(), 0, 0

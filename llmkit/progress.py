@@ -9,6 +9,8 @@ from typing import Any
 
 from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerCallback
 
+from llmkit.hf import global_batch_size
+
 
 def show_progress(trainer: Any) -> None:
     """Swap the Trainer's progress output for llmkit's: nothing under --quiet, else a bar or lines.
@@ -64,7 +66,7 @@ class _Throughput:
         return super().on_step_end(args, state, control, **kwargs)
 
     def _samples_per_second(self, args: Any) -> float | None:
-        batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        batch = global_batch_size(args)
         rate = self._steps * batch / self._busy if self._busy > 0 else None
         self._busy, self._steps = 0.0, 0
         return rate

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 from llmkit.data import SPLITS
 from llmkit.errors import LlmkitError
-from llmkit.metrics import CONFUSION
+from llmkit.metrics import CONFUSION, perplexity
 from llmkit.recipefile import dump_yaml
 
 
@@ -21,7 +20,7 @@ def load_history(run_dir: Path) -> list[dict]:
     history = json.loads(state.read_text(encoding="utf-8")).get("log_history", [])
     for h in history:  # perplexity for the language-model tasks, derived like the metrics
         if "eval_loss" in h and "eval_perplexity" not in h:
-            h["eval_perplexity"] = math.exp(min(h["eval_loss"], 50.0))
+            h["eval_perplexity"] = perplexity(h["eval_loss"])
     return history
 
 

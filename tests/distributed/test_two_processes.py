@@ -10,7 +10,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-from llmkit import run
+from llmkit import engine, rundir
 
 pytestmark = pytest.mark.distributed
 
@@ -40,7 +40,7 @@ def test_torchrun_two_processes_matches_single_process_eval(tmp_path, monkeypatc
     assert proc.stdout.count("Done in") == 1  # only rank 0 reports
     # The same model evaluated by one process: no eval sample dropped or counted twice by the gather.
     monkeypatch.chdir(ROOT)
-    single = run.evaluate(run.recipe_for_evaluation(out, []), "validation")
+    single = engine.evaluate(rundir.recipe_for_evaluation(out, []), "validation")
     assert single["samples"] == 23
     for key in ("eval_f1", "eval_precision", "eval_recall", "eval_token_accuracy"):
         assert single[key] == pytest.approx(summary["final_metrics"][key], abs=1e-9), key

@@ -6,7 +6,8 @@ import math
 import pytest
 from conftest import FIXTURES, RECIPES, ROOT
 
-from llmkit import run
+from llmkit import engine, rundir
+from llmkit import predict as predicting
 from llmkit.config import load_recipe, resolve
 from llmkit.errors import LlmkitError
 
@@ -20,7 +21,7 @@ def _at_root(monkeypatch):
 
 def _train(name, out, *overrides):
     recipe = resolve(load_recipe(RECIPES / "tiny" / f"{name}.yaml", [f"trainer.output_dir={out}", *overrides]))
-    return run.train(recipe)
+    return engine.train(recipe)
 
 
 def test_classification_finetune_evaluate_predict(tmp_path):
@@ -61,19 +62,19 @@ def test_classification_finetune_evaluate_predict(tmp_path):
     (out / "plots" / "confusion_matrix.png").unlink()
     assert "confusion_matrix.png" in [p.name for p in report([out])]  # `llmkit report RUN` redraws it
 
-    test = run.evaluate(run.recipe_for_evaluation(out, []), "test")
+    test = engine.evaluate(rundir.recipe_for_evaluation(out, []), "test")
     assert test["samples"] == 24 and 0 <= test["eval_accuracy"] <= 1
     assert json.loads((out / "eval_test.json").read_text())["eval_accuracy"] == test["eval_accuracy"]
     assert json.loads((out / "confusion_matrix.json").read_text()) == confusion  # still the validation one
 
     inputs = tmp_path / "in.jsonl"
     inputs.write_text('{"text": "a wonderful film overall"}\n{"text": "a dull script"}\n')
-    n = run.predict(run.recipe_for_evaluation(out, []), inputs, tmp_path / "preds.jsonl")
+    n = predicting.predict(rundir.recipe_for_evaluation(out, []), inputs, tmp_path / "preds.jsonl")
     preds = [json.loads(line) for line in (tmp_path / "preds.jsonl").read_text().splitlines()]
     assert n == 2 and [p["text"] for p in preds] == ["a wonderful film overall", "a dull script"]
     assert all(p["label"] in ("negative", "positive") and 0.5 <= p["score"] <= 1 for p in preds)
     with pytest.raises(LlmkitError, match="exists; pass --overwrite"):
-        run.predict(run.recipe_for_evaluation(out, []), inputs, tmp_path / "preds.jsonl")
+        predicting.predict(rundir.recipe_for_evaluation(out, []), inputs, tmp_path / "preds.jsonl")
 
 
 def test_ner_finetune_evaluate_predict(tmp_path):
@@ -83,12 +84,12 @@ def test_ner_finetune_evaluate_predict(tmp_path):
     assert {"eval_f1", "eval_precision", "eval_recall", "eval_token_accuracy", "eval_PER_f1", "eval_LOC_f1"} <= set(
         metrics
     )
-    test = run.evaluate(run.recipe_for_evaluation(out, []), "test")
+    test = engine.evaluate(rundir.recipe_for_evaluation(out, []), "test")
     assert math.isfinite(test["eval_loss"]) and 0 <= test["eval_f1"] <= 1
 
     inputs = tmp_path / "in.jsonl"
     inputs.write_text('{"tokens": ["Alice", "flew", "to", "Paris", "."]}\n{"text": "Bob lives in Tokyo"}\n')
-    run.predict(run.recipe_for_evaluation(out, []), inputs, tmp_path / "preds.jsonl")
+    predicting.predict(rundir.recipe_for_evaluation(out, []), inputs, tmp_path / "preds.jsonl")
     preds = [json.loads(line) for line in (tmp_path / "preds.jsonl").read_text().splitlines()]
     assert [len(p["tags"]) for p in preds] == [5, 4]  # one tag per word, whatever the sub-tokens
     assert all(t in ("O", "B-PER", "I-PER", "B-LOC", "I-LOC") for p in preds for t in p["tags"])
@@ -110,7 +111,7 @@ def test_cpu_training_uses_the_fast_dropout_unless_turned_off(tmp_path, fast):
             seen["attention"] = model.config._attn_implementation
 
     overrides = [f"trainer.output_dir={tmp_path}", "trainer.max_steps=1", f"model.fast_dropout={str(fast).lower()}"]
-    run.train(resolve(load_recipe(RECIPES / "tiny" / "ner.yaml", overrides)), callbacks=[Look()])
+    engine.train(resolve(load_recipe(RECIPES / "tiny" / "ner.yaml", overrides)), callbacks=[Look()])
     # the tiny BERT drops attention probabilities and the recipe names no attention: eager replaces SDPA
     expected = {"layers": True, "attention modules": 1, "attention": "eager"} if fast else {
         "layers": False, "attention modules": 0, "attention": "sdpa"}  # fmt: skip
@@ -121,14 +122,14 @@ def test_summarization_finetune_evaluate_predict(tmp_path):
     out = tmp_path / "sum"
     summary = _train("summarization", out)
     metrics = summary["final_metrics"]
-    assert run.foreign_entries(out) == []  # --overwrite recognises everything a run writes
+    assert rundir.foreign_entries(out) == []  # --overwrite recognises everything a run writes
     assert {"eval_rouge1", "eval_rouge2", "eval_rougeL", "eval_rougeLsum", "eval_gen_len"} <= set(metrics)
     assert 0 <= metrics["eval_rouge1"] <= 100 and metrics["eval_gen_len"] <= 16
-    test = run.evaluate(run.recipe_for_evaluation(out, []), "test")
+    test = engine.evaluate(rundir.recipe_for_evaluation(out, []), "test")
     assert test["samples"] == 12 and math.isfinite(test["eval_loss"])
     inputs = tmp_path / "in.txt"
     inputs.write_text("Officials said that the new bridge opened on Monday. Residents welcomed the news.\n")
-    run.predict(run.recipe_for_evaluation(out, []), inputs, tmp_path / "preds.jsonl")
+    predicting.predict(rundir.recipe_for_evaluation(out, []), inputs, tmp_path / "preds.jsonl")
     (pred,) = [json.loads(line) for line in (tmp_path / "preds.jsonl").read_text().splitlines()]
     assert isinstance(pred["summary"], str)
 
@@ -139,7 +140,7 @@ def test_finetune_what_pretrain_made(tmp_path):
     import transformers
 
     bert = tmp_path / "bert"
-    run.train(resolve(load_recipe(RECIPES / "tiny/bert.yaml", [f"trainer.output_dir={bert}"])))
+    engine.train(resolve(load_recipe(RECIPES / "tiny/bert.yaml", [f"trainer.output_dir={bert}"])))
     out = tmp_path / "ner"
     _train(
         "ner",

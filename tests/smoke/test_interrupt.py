@@ -7,7 +7,7 @@ import sys
 import pytest
 from conftest import RECIPES, ROOT
 
-from llmkit import run
+from llmkit import checkpoints, engine
 from llmkit.config import load_recipe, resolve
 
 pytestmark = pytest.mark.smoke
@@ -41,11 +41,11 @@ def test_sigint_saves_a_checkpoint_and_the_run_resumes(tmp_path):
     assert proc.returncode == 130, text[-2000:]
     assert "Resume with: llmkit pretrain recipes/tiny/gpt2.yaml" in text and "--resume" in text
     assert "Traceback" not in text
-    ckpt = run.last_checkpoint(out)
+    ckpt = checkpoints.last_checkpoint(out)
     assert ckpt is not None and not (out / "summary.json").exists()
     stopped_at = int(ckpt.name.split("-")[1])
     assert 0 < stopped_at < 120
-    summary = run.train(resolve(load_recipe(RECIPES / "tiny/gpt2.yaml", overrides)), resume=True)
+    summary = engine.train(resolve(load_recipe(RECIPES / "tiny/gpt2.yaml", overrides)), resume=True)
     assert summary["steps"] == 120
 
 

@@ -6,7 +6,9 @@ import shutil
 import pytest
 from conftest import RECIPES, ROOT
 
-from llmkit import run
+from llmkit import checkpoints, engine, rundir
+from llmkit import export as exporting
+from llmkit import predict as predicting
 from llmkit.config import load_recipe, resolve
 from llmkit.errors import LlmkitError
 
@@ -30,7 +32,7 @@ def ner_lora(tmp_path_factory):
     here = os.getcwd()
     os.chdir(ROOT)
     try:
-        summary = run.train(_recipe("ner-lora.yaml", out, "trainer.save_strategy=steps", "trainer.save_steps=2"))
+        summary = engine.train(_recipe("ner-lora.yaml", out, "trainer.save_strategy=steps", "trainer.save_steps=2"))
     finally:
         os.chdir(here)
     return out, summary
@@ -54,11 +56,11 @@ def test_output_holds_the_adapter_not_the_model(ner_lora):
 
 def test_evaluate_and_predict_load_base_plus_adapter(ner_lora, tmp_path):
     out, summary = ner_lora
-    metrics = run.evaluate(run.recipe_for_evaluation(out, []), "validation")
+    metrics = engine.evaluate(rundir.recipe_for_evaluation(out, []), "validation")
     assert metrics["eval_f1"] == pytest.approx(summary["final_metrics"]["eval_f1"])
     inputs = tmp_path / "in.jsonl"
     inputs.write_text('{"text": "Alice flew to Paris ."}\n')
-    run.predict(run.recipe_for_evaluation(out, []), inputs, tmp_path / "p.jsonl")
+    predicting.predict(rundir.recipe_for_evaluation(out, []), inputs, tmp_path / "p.jsonl")
     assert len(json.loads((tmp_path / "p.jsonl").read_text())["tags"]) == 5
 
 
@@ -70,9 +72,9 @@ def test_export_merge_matches_base_plus_adapter(ner_lora, tmp_path):
     from llmkit.tasks import get_task
 
     out, _ = ner_lora
-    assert run.export(out, tmp_path / "merged", merge=True) == "merged"
+    assert exporting.export(out, tmp_path / "merged", merge=True) == "merged"
     merged = transformers.AutoModelForTokenClassification.from_pretrained(tmp_path / "merged").eval()
-    recipe = run.recipe_for_evaluation(out, [])
+    recipe = rundir.recipe_for_evaluation(out, [])
     tok = transformers.AutoTokenizer.from_pretrained(out)
     task = get_task("ner")
     adapted = modeling.build_model(recipe, task, tok, task.model_kwargs(recipe)).eval()
@@ -86,10 +88,10 @@ def test_export_merge_matches_base_plus_adapter(ner_lora, tmp_path):
         diff = (merged(**batch).logits - adapted(**batch).logits).abs().max().item()
     assert diff < 1e-4
     assert merged.config.id2label == adapted.config.id2label
-    assert run.export(out, tmp_path / "adapter") == "adapter"
+    assert exporting.export(out, tmp_path / "adapter") == "adapter"
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     with pytest.raises(LlmkitError, match="not empty"):
-        run.export(out, tmp_path / "adapter")
+        exporting.export(out, tmp_path / "adapter")
 
 
 def test_lora_run_resumes_from_checkpoint(ner_lora, tmp_path):
@@ -98,12 +100,12 @@ def test_lora_run_resumes_from_checkpoint(ner_lora, tmp_path):
     shutil.copytree(src, out)
     for f in ("summary.json", "adapter_model.safetensors", "trainer_state.json"):
         (out / f).unlink()
-    last = run.last_checkpoint(out)
+    last = checkpoints.last_checkpoint(out)
     shutil.rmtree(last)
-    keep = run.last_checkpoint(out)
+    keep = checkpoints.last_checkpoint(out)
     assert keep is not None and (keep / "adapter_model.safetensors").exists()
     recipe = _recipe("ner-lora.yaml", out, "trainer.save_strategy=steps", "trainer.save_steps=2")
-    summary = run.train(recipe)
+    summary = engine.train(recipe)
     assert summary["steps"] == 8 and (out / "adapter_model.safetensors").exists()
     state = json.loads((out / "trainer_state.json").read_text())
     assert min(h["step"] for h in state["log_history"] if "loss" in h) < int(keep.name.split("-")[1])
@@ -112,16 +114,16 @@ def test_lora_run_resumes_from_checkpoint(ner_lora, tmp_path):
 @pytest.mark.parametrize("name", ["classification-lora.yaml", "gpt2-lora.yaml"])
 def test_lora_for_other_tasks(tmp_path, name):
     out = tmp_path / "run"
-    summary = run.train(_recipe(name, out, "trainer.max_steps=2"))
+    summary = engine.train(_recipe(name, out, "trainer.max_steps=2"))
     assert summary["trainable_parameters"] < summary["parameters"]
-    assert run.foreign_entries(out) == []  # --overwrite recognises everything a LoRA run writes
+    assert rundir.foreign_entries(out) == []  # --overwrite recognises everything a LoRA run writes
     assert (out / "adapter_model.safetensors").exists()
-    metrics = run.evaluate(run.recipe_for_evaluation(out, []), "validation")
+    metrics = engine.evaluate(rundir.recipe_for_evaluation(out, []), "validation")
     assert metrics["eval_loss"] == pytest.approx(summary["final_metrics"]["eval_loss"], rel=0.2)
 
 
 def test_dry_run_counts_trainable_lora_parameters(tmp_path):
-    est = run.train(_recipe("ner-lora.yaml", tmp_path / "run"), dry_run=True)
+    est = engine.train(_recipe("ner-lora.yaml", tmp_path / "run"), dry_run=True)
     assert 0 < est["trainable_parameters"] < 0.2 * est["parameters"]
     assert not (tmp_path / "run").exists()
 

@@ -85,7 +85,7 @@ def test_training_overwrite_refuses_a_run_folder_holding_a_foreign_file(finished
 
 
 def test_a_finished_run_writes_only_names_llmkit_recognises(finished_run):
-    from llmkit.run import foreign_entries
+    from llmkit.rundir import foreign_entries
 
     assert foreign_entries(finished_run) == []
 

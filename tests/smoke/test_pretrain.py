@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import RECIPES
 
-from llmkit import run
+from llmkit import checkpoints, engine, rundir
 from llmkit.config import load_recipe, resolve
 from llmkit.errors import LlmkitError
 
@@ -25,9 +25,9 @@ def test_tiny_pretraining_end_to_end(tmp_path, name, auto):
     import transformers
 
     out = tmp_path / "run"
-    summary = run.train(_recipe(name, out))
+    summary = engine.train(_recipe(name, out))
     assert summary["steps"] == 6 and summary["parameters"] > 0
-    assert run.foreign_entries(out) == []  # --overwrite recognises everything a run writes
+    assert rundir.foreign_entries(out) == []  # --overwrite recognises everything a run writes
     assert math.isfinite(summary["train_loss"])
     assert math.isfinite(summary["final_metrics"]["eval_loss"])
     assert summary["final_metrics"]["eval_perplexity"] == pytest.approx(math.exp(summary["final_metrics"]["eval_loss"]))
@@ -52,18 +52,18 @@ def test_tiny_pretraining_end_to_end(tmp_path, name, auto):
     assert logits.shape[-1] == model.config.vocab_size == len(tok)
     # A finished run is never overwritten silently.
     with pytest.raises(LlmkitError, match="holds a finished run"):
-        run.train(_recipe(name, out))
+        engine.train(_recipe(name, out))
 
 
 def test_interrupted_run_resumes_from_its_checkpoint(tmp_path):
     out = tmp_path / "run"
-    run.train(_recipe("gpt2.yaml", out))
+    engine.train(_recipe("gpt2.yaml", out))
     # Make it look killed after the step-3 checkpoint: no final outputs, no later checkpoint.
     for f in ("summary.json", "model.safetensors", "trainer_state.json"):
         (out / f).unlink()
     shutil.rmtree(out / "checkpoint-6")
-    assert run.last_checkpoint(out).name == "checkpoint-3"
-    summary = run.train(_recipe("gpt2.yaml", out))
+    assert checkpoints.last_checkpoint(out).name == "checkpoint-3"
+    summary = engine.train(_recipe("gpt2.yaml", out))
     assert summary["steps"] == 6
     state = json.loads((out / "trainer_state.json").read_text())
     logged = [h["step"] for h in state["log_history"] if "loss" in h]
@@ -73,15 +73,15 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path):
 def test_resume_and_overwrite_flags(tmp_path):
     out = tmp_path / "run"
     with pytest.raises(LlmkitError, match="no run to resume"):
-        run.train(_recipe("bert.yaml", out), resume=True)
-    run.train(_recipe("bert.yaml", out, "trainer.max_steps=3"))
+        engine.train(_recipe("bert.yaml", out), resume=True)
+    engine.train(_recipe("bert.yaml", out, "trainer.max_steps=3"))
     with pytest.raises(LlmkitError, match="contradict"):
-        run.train(_recipe("bert.yaml", out), overwrite=True, resume=True)
+        engine.train(_recipe("bert.yaml", out), overwrite=True, resume=True)
     # --overwrite with a broken new recipe: the failure comes before anything is deleted.
     with pytest.raises(LlmkitError, match="data file not found"):
-        run.train(_recipe("bert.yaml", out, "data.source=null", "data.train=missing.txt"), overwrite=True)
+        engine.train(_recipe("bert.yaml", out, "data.source=null", "data.train=missing.txt"), overwrite=True)
     assert (out / "summary.json").exists() and (out / "model.safetensors").exists()
-    summary = run.train(_recipe("bert.yaml", out), overwrite=True)
+    summary = engine.train(_recipe("bert.yaml", out), overwrite=True)
     assert summary["steps"] == 6
 
 
@@ -89,12 +89,12 @@ def test_output_dir_guards(tmp_path):
     afile = tmp_path / "file"
     afile.write_text("x")
     with pytest.raises(LlmkitError, match="is a file"):
-        run.train(_recipe("bert.yaml", afile))
+        engine.train(_recipe("bert.yaml", afile))
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(LlmkitError, match="not an llmkit run"):
-        run.train(_recipe("bert.yaml", foreign))
+        engine.train(_recipe("bert.yaml", foreign))
     assert (foreign / "notes.txt").read_text() == "mine"
     # A read-only output_dir (simulated: tests may run as root, whom permissions do not stop) fails at once.
     readonly = tmp_path / "readonly"
@@ -103,12 +103,12 @@ def test_output_dir_guards(tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(os, "access", lambda p, mode: False if Path(p) == readonly else real_access(p, mode))
         with pytest.raises(LlmkitError, match=r"readonly/run is not writable .*choose another trainer.output_dir"):
-            run.train(_recipe("bert.yaml", readonly / "run"))
+            engine.train(_recipe("bert.yaml", readonly / "run"))
 
 
 def test_dry_run_estimates_without_writing(tmp_path):
     out = tmp_path / "run"
-    est = run.train(_recipe("bert.yaml", out), dry_run=True)
+    est = engine.train(_recipe("bert.yaml", out), dry_run=True)
     assert est["steps"] == 6 and est["samples_per_step"] == 8 and est["tokens_per_step"] == 8 * 32
     assert est["parameters"] > 10_000
     assert not out.exists()
@@ -118,14 +118,14 @@ def test_empty_corpus_is_a_data_error(tmp_path):
     corpus = tmp_path / "empty.txt"
     corpus.write_text("\n   \n\n")
     with pytest.raises(LlmkitError, match="empty"):
-        run.train(_recipe("bert.yaml", tmp_path / "run", "data.source=null", f"data.train={corpus}"))
+        engine.train(_recipe("bert.yaml", tmp_path / "run", "data.source=null", f"data.train={corpus}"))
 
 
 def test_evaluate_a_finished_run(tmp_path):
     out = tmp_path / "run"
-    trained = run.train(_recipe("bert.yaml", out))
-    recipe = run.recipe_for_evaluation(out, [])
-    metrics = run.evaluate(recipe, "validation")
+    trained = engine.train(_recipe("bert.yaml", out))
+    recipe = rundir.recipe_for_evaluation(out, [])
+    metrics = engine.evaluate(recipe, "validation")
     assert metrics["samples"] > 0 and math.isfinite(metrics["eval_perplexity"])
     assert (out / "eval_validation.json").exists()
     # Same model, same data: the same loss up to masking randomness (MLM masks are random).

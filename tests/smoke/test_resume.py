@@ -13,7 +13,7 @@ import sys
 import pytest
 from conftest import RECIPES, ROOT
 
-from llmkit import run
+from llmkit import checkpoints, engine
 from llmkit.config import load_recipe, resolve
 from llmkit.errors import LlmkitError
 
@@ -113,10 +113,10 @@ def _assert_same_run(a, b, resumed_from):
 )
 def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, command, name, extra):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    run.train(resolve(load_recipe(RECIPES / name, _overrides(reference, extra))))
+    engine.train(resolve(load_recipe(RECIPES / name, _overrides(reference, extra))))
     _killed(command, name, killed, at=5, where="step", extra=extra)
-    assert run.last_checkpoint(killed).name == "checkpoint-3" and not (killed / "summary.json").exists()
-    summary = run.train(resolve(load_recipe(RECIPES / name, _overrides(killed, extra))), resume=True)
+    assert checkpoints.last_checkpoint(killed).name == "checkpoint-3" and not (killed / "summary.json").exists()
+    summary = engine.train(resolve(load_recipe(RECIPES / name, _overrides(killed, extra))), resume=True)
     assert summary["steps"] == 6
     _assert_same_run(reference, killed, resumed_from=3)
 
@@ -124,13 +124,13 @@ def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, command, name, extra):
 def test_sigkill_during_a_save_keeps_the_last_good_checkpoint(tmp_path):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     extra = ("trainer.save_total_limit=1",)
-    run.train(resolve(load_recipe(RECIPES / "tiny/bert.yaml", _overrides(reference, extra))))
+    engine.train(resolve(load_recipe(RECIPES / "tiny/bert.yaml", _overrides(reference, extra))))
     _killed("pretrain", "tiny/bert.yaml", killed, at=6, where="save", extra=extra)
     # The half-written checkpoint-6 is not a checkpoint; save_total_limit=1 did not delete checkpoint-3.
     assert not (killed / "checkpoint-6").exists()
     assert (killed / ".partial" / "checkpoint-6" / "model.safetensors").exists()
-    assert run.last_checkpoint(killed).name == "checkpoint-3"
-    run.train(resolve(load_recipe(RECIPES / "tiny/bert.yaml", _overrides(killed, extra))), resume=True)
+    assert checkpoints.last_checkpoint(killed).name == "checkpoint-3"
+    engine.train(resolve(load_recipe(RECIPES / "tiny/bert.yaml", _overrides(killed, extra))), resume=True)
     assert not (killed / ".partial").exists()
     assert [p.name for p in killed.glob("checkpoint-*")] == ["checkpoint-6"]  # rotation after the new one
     _assert_same_run(reference, killed, resumed_from=3)
@@ -150,23 +150,23 @@ def test_disk_full_during_a_save_is_one_line_and_loses_nothing(tmp_path, monkeyp
 
     monkeypatch.setattr(transformers.Trainer, "_save_rng_state", full_disk)
     with pytest.raises(LlmkitError) as info:
-        run.train(recipe())
+        engine.train(recipe())
     message = str(info.value)
     assert "\n" not in message
     assert "could not save checkpoint checkpoint-6" in message and "No space left on device" in message
     assert "--resume" in message
-    assert run.last_checkpoint(out).name == "checkpoint-3" and not (out / ".partial").exists()
+    assert checkpoints.last_checkpoint(out).name == "checkpoint-3" and not (out / ".partial").exists()
     monkeypatch.setattr(transformers.Trainer, "_save_rng_state", save_rng)  # space freed: resume
-    assert run.train(recipe(), resume=True)["steps"] == 6
+    assert engine.train(recipe(), resume=True)["steps"] == 6
 
 
 def test_resume_from_a_named_checkpoint_into_a_new_folder(tmp_path):
     """trainer.resume_from_checkpoint=PATH continues another run's checkpoint, exactly; checkpoints hold no pickle."""
     reference, other = tmp_path / "reference", tmp_path / "other"
-    run.train(resolve(load_recipe(RECIPES / "tiny/gpt2.yaml", _overrides(reference))))
+    engine.train(resolve(load_recipe(RECIPES / "tiny/gpt2.yaml", _overrides(reference))))
     ckpt = reference / "checkpoint-3"
     assert sorted(p.name for p in ckpt.iterdir() if p.suffix in (".bin", ".pkl")) == []
-    summary = run.train(
+    summary = engine.train(
         resolve(load_recipe(RECIPES / "tiny/gpt2.yaml", _overrides(other, [f"trainer.resume_from_checkpoint={ckpt}"])))
     )
     assert summary["steps"] == 6
@@ -174,10 +174,10 @@ def test_resume_from_a_named_checkpoint_into_a_new_folder(tmp_path):
     # --overwrite on the run that holds the named checkpoint would delete it: refused, nothing deleted.
     named = [f"trainer.resume_from_checkpoint={ckpt}"]
     with pytest.raises(LlmkitError, match="--overwrite would delete"):
-        run.train(resolve(load_recipe(RECIPES / "tiny/gpt2.yaml", _overrides(reference, named))), overwrite=True)
+        engine.train(resolve(load_recipe(RECIPES / "tiny/gpt2.yaml", _overrides(reference, named))), overwrite=True)
     assert (ckpt / "trainer_state.json").exists() and (reference / "summary.json").exists()
     with pytest.raises(LlmkitError, match="is not a complete checkpoint"):
-        run.train(
+        engine.train(
             resolve(
                 load_recipe(
                     RECIPES / "tiny/gpt2.yaml",

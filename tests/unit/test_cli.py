@@ -7,7 +7,8 @@ import pytest
 from conftest import RECIPES, ROOT
 from typer.testing import CliRunner
 
-from llmkit import __version__, run
+from llmkit import __version__
+from llmkit import engine as llmkit_engine
 from llmkit.cli import app
 
 runner = CliRunner()
@@ -15,7 +16,7 @@ runner = CliRunner()
 
 @pytest.fixture
 def engine(monkeypatch):
-    """Replace run.train with a stub that records what it was called with."""
+    """Replace engine.train with a stub that records what it was called with."""
     calls = []
 
     def fake_train(recipe, **kwargs):
@@ -37,7 +38,7 @@ def engine(monkeypatch):
             "output_dir": recipe.trainer["output_dir"],
         }
 
-    monkeypatch.setattr(run, "train", fake_train)
+    monkeypatch.setattr(llmkit_engine, "train", fake_train)
     return calls
 
 
@@ -76,9 +77,9 @@ def test_gc_comes_back_frozen_after_startup():
     # main() turns the collector off for the imports; once the libraries are in it is back on, with what
     # the imports built frozen. Under a caller that never turned it off (CliRunner, Python users) nothing changes.
     code = (
-        "import gc\nfrom llmkit import cli\n"
-        "cli._end_of_startup()\nassert gc.isenabled() and gc.get_freeze_count() == 0\n"
-        "gc.disable()\ncli._end_of_startup()\nassert gc.isenabled() and gc.get_freeze_count() > 0"
+        "import gc\nfrom llmkit import console as cli\n"
+        "cli.end_of_startup()\nassert gc.isenabled() and gc.get_freeze_count() == 0\n"
+        "gc.disable()\ncli.end_of_startup()\nassert gc.isenabled() and gc.get_freeze_count() > 0"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
@@ -127,7 +128,7 @@ def test_unexpected_errors_exit_1_and_debug_shows_traceback(monkeypatch):
     def boom(recipe, **kwargs):
         raise RuntimeError("kaboom\nsecond line")
 
-    monkeypatch.setattr(run, "train", boom)
+    monkeypatch.setattr(llmkit_engine, "train", boom)
     argv = ["pretrain", str(RECIPES / "tiny/bert.yaml")]
     result = runner.invoke(app, argv)
     assert result.exit_code == 1
@@ -140,7 +141,7 @@ def test_interrupt_exits_130(monkeypatch):
     def interrupted(recipe, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(run, "train", interrupted)
+    monkeypatch.setattr(llmkit_engine, "train", interrupted)
     result = runner.invoke(app, ["pretrain", str(RECIPES / "tiny/bert.yaml")])
     assert result.exit_code == 130
 

@@ -168,7 +168,7 @@ def test_sdpa_is_left_alone_when_named_or_without_attention_dropout():
 def test_training_keeps_freed_memory_for_reuse_unless_opted_out(monkeypatch):
     import ctypes
 
-    from llmkit import run
+    from llmkit import memory
 
     calls = []
 
@@ -180,13 +180,13 @@ def test_training_keeps_freed_memory_for_reuse_unless_opted_out(monkeypatch):
     monkeypatch.delenv("LLMKIT_MALLOC", raising=False)
     monkeypatch.setattr(ctypes, "CDLL", lambda name: Libc())
     monkeypatch.setattr("platform.libc_ver", lambda: ("glibc", "2.36"))
-    run.keep_freed_memory()
+    memory.keep_freed_memory()
     assert calls == [(-3, 32 << 20), (-1, 1 << 30)]  # M_MMAP_THRESHOLD 32 MiB, M_TRIM_THRESHOLD 1 GiB
     calls.clear()
     Libc.mallopt = lambda self, param, value: calls.append((param, value)) or 0  # an older glibc refuses
-    run.keep_freed_memory()
+    memory.keep_freed_memory()
     assert calls == [(-3, 32 << 20)]  # and the trim threshold alone would freeze mmap at 128 KiB: not set
     calls.clear()
     monkeypatch.setenv("LLMKIT_MALLOC", "default")
-    run.keep_freed_memory()
+    memory.keep_freed_memory()
     assert calls == []

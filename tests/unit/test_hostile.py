@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from llmkit import run
+from llmkit import engine
 from llmkit.cli import app
 from llmkit.config import load_recipe, resolve
 from llmkit.errors import DataError, LlmkitError, RecipeError
@@ -372,7 +372,7 @@ def _recipe(name: str, tmp_path: Path, *overrides: str) -> Recipe:
 
 
 def _dry(name: str, tmp_path: Path, *overrides: str) -> dict:
-    return run.train(_recipe(name, tmp_path, *overrides), dry_run=True)
+    return engine.train(_recipe(name, tmp_path, *overrides), dry_run=True)
 
 
 def _only_train(path: Path) -> list[str]:
@@ -571,7 +571,7 @@ def test_a_10000_token_row_is_truncated_for_fine_tuning(tmp_path, name):
     path = tmp_path / "long.jsonl"
     path.write_text(json.dumps(row) + "\n")
     recipe = _recipe(name, tmp_path, *_only_train(path), "trainer.eval_strategy=no")
-    _, _, tokenized = run.prepare_data(recipe, get_task(name), recipe.args)
+    _, _, tokenized = engine.prepare_data(recipe, get_task(name), recipe.args)
     lengths = [len(ids) for ids in tokenized["train"]["input_ids"]]
     assert lengths == [recipe.data.max_length]
 
@@ -619,7 +619,7 @@ def test_a_csv_column_of_mixed_labels_is_read_as_strings(tmp_path):
     path = tmp_path / "mixed.csv"
     path.write_text("text,label\nfirst,1\nsecond,pos\nthird,0.5\n")
     recipe = _recipe("classification", tmp_path, f"data.train={path}", f"data.validation={path}", "data.test=null")
-    est = run.train(recipe, dry_run=True)
+    est = engine.train(recipe, dry_run=True)
     assert est["train_samples"] == 3 and recipe.options.labels == ["0.5", "1", "pos"]
 
 
@@ -666,7 +666,7 @@ def test_a_hostile_file_never_costs_the_previous_run(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("text,label\ngood,positive\nbad,negative,extra\n")
     with pytest.raises(DataError, match="line 3: 3 fields"):
-        run.train(_recipe("classification", tmp_path, *_only_train(bad)), overwrite=True)
+        engine.train(_recipe("classification", tmp_path, *_only_train(bad)), overwrite=True)
     assert (out / "model.safetensors").read_bytes() == b"weights" and (out / "summary.json").exists()
 
 

@@ -154,7 +154,7 @@ def test_a_finished_run_keeps_its_validation_confusion_matrix(tmp_path):
 
 
 def test_end_of_run_table_shows_the_summary(capsys):
-    from llmkit.cli import _print_report
+    from llmkit.console import print_report as _print_report
 
     _print_report({**SUMMARY, "train_tokens_per_second": 2918.4})
     lines = capsys.readouterr().out.splitlines()

@@ -1,0 +1,141 @@
+"""What the command line prints and how it ends: logging set-up, one-line errors with exit codes, result tables."""
+
+from __future__ import annotations
+
+import gc
+import os
+import shlex
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import typer
+
+from llmkit.errors import Interrupted, LlmkitError, first_line
+
+
+def setup_logging() -> None:
+    import logging
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Under torchrun/accelerate only rank 0 reports progress; the other ranks speak up for problems only.
+    rank = int(os.environ.get("RANK", "0"))
+    verbosity = os.environ.get("LLMKIT_VERBOSITY", "normal")
+    level = logging.WARNING if verbosity == "quiet" or rank > 0 else logging.INFO
+    # Other libraries' info messages (rouge_score says "Using default tokenizer." at every evaluation) only under -v.
+    root = level if verbosity == "verbose" else logging.WARNING
+    logging.basicConfig(level=root, format="[llmkit] %(message)s", stream=sys.stderr, force=True)
+    logging.getLogger("llmkit").setLevel(level)
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_info() if verbosity == "verbose" else transformers.logging.set_verbosity_warning()
+    if verbosity == "quiet" or not sys.stderr.isatty():
+        # No live bars in logs and pipes (their carriage returns pile up); the run prints lines instead.
+        datasets.disable_progress_bars()
+        transformers.logging.disable_progress_bar()
+    else:
+        from llmkit.progress import transient_bar
+
+        transformers.logging.set_tqdm_hook(transient_bar)
+    end_of_startup()
+
+
+def end_of_startup() -> None:
+    """Let the garbage collector back in (see main), with everything the imports built frozen out of its scans."""
+    if not gc.isenabled():  # only under main(): a fresh process, so what is tracked now is the libraries'
+        gc.freeze()
+        gc.enable()
+
+
+def guarded(debug: bool, fn: Callable[[], Any]) -> Any:
+    """Run `fn`, turning errors into exit codes: 2 for recipe/data errors, 130 interrupted, 1 otherwise."""
+    try:
+        return fn()
+    except LlmkitError as e:
+        if debug:
+            raise
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    except Interrupted as e:
+        words = [w for w in sys.argv[1:] if w not in ("--overwrite", "--resume")]
+        typer.echo(f"interrupted: {e}. Resume with: llmkit {shlex.join(words)} --resume", err=True)
+        raise typer.Exit(130) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130) from None
+    except (typer.Exit, typer.Abort):
+        raise
+    except BrokenPipeError as e:
+        if not _stdout_reader_gone():
+            return _fail(e, debug)
+        # `llmkit recipes | head`: the reader left; nothing to say, and no one to say it to.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(0) from None
+    except Exception as e:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+        return _fail(e, debug)
+
+
+def _fail(e: Exception, debug: bool) -> Any:
+    if debug:
+        raise e
+    first = first_line(e, default="")
+    typer.echo(f"error: {type(e).__name__}: {first} (run again with --debug for the traceback)", err=True)
+    raise typer.Exit(1) from None
+
+
+def _stdout_reader_gone() -> bool:
+    """True when stdout is a pipe whose reading end was closed (not some other broken pipe, e.g. a socket)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def print_estimate(est: dict) -> None:
+    typer.echo("\nEstimate:")
+    for key, value in est.items():
+        if isinstance(value, float):
+            value = f"{value:.2f}"
+        elif isinstance(value, int) and not isinstance(value, bool):
+            value = f"{value:,}"
+        typer.echo(f"  {key:<22} {value}")
+
+
+def print_metrics(metrics: dict) -> None:
+    """The metrics as a table, without the timing and bookkeeping entries (the JSON files keep them)."""
+    skip = ("_runtime", "_per_second", "_preparation_time", "epoch", "split", "samples")
+    for key, value in metrics.items():
+        if not key.endswith(skip):
+            typer.echo(f"  {key:<28} {value:.4f}" if isinstance(value, float) else f"  {key:<28} {value}")
+
+
+def print_report(s: dict) -> None:
+    """The end-of-run table (the same facts as summary.json) and the next command to try."""
+    out = s["output_dir"]
+    tokens = f", {s['train_tokens_per_second']:,.0f} tokens/s" if s.get("train_tokens_per_second") else ""
+    rows = [
+        ("task", s["task"]),
+        ("model", s["model"]),
+        ("parameters", f"{s['parameters']:,} ({s['trainable_parameters']:,} trained)"),
+        ("steps", f"{s['steps']} ({s['epochs']:.2f} epochs, global batch {s['global_batch_size']})"),
+        ("wall time", f"{s['wall_time_s']:.0f} s"),
+        ("throughput", f"{s['train_samples_per_second'] or 0:.1f} samples/s{tokens}"),
+        ("saved to", f"{out} (model, recipe.yaml, summary.json, plots/, README.md)"),
+    ]
+    typer.echo(f"\nDone in {s['wall_time_s']:.0f}s.")
+    for key, value in rows:
+        typer.echo(f"  {key:<28} {value}")
+    print_metrics(s["final_metrics"])
+    nxt = f"llmkit evaluate {out} --split test"
+    from llmkit.tasks import get_task
+
+    if get_task(s["task"]).predict is not None:
+        nxt += f"   |   llmkit predict {out} -i inputs.jsonl -o preds.jsonl"
+    if s["trainable_parameters"] < s["parameters"]:
+        nxt += f"   |   llmkit export {out} {out}-merged --merge"
+    typer.echo(f"Next: {nxt}")

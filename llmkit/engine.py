@@ -1,0 +1,264 @@
+"""The engine: prepare a recipe's data, build its model and Trainer (one place), train, evaluate."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llmkit import modeling, preflight, rundir
+from llmkit.checkpoints import drop_pickled_args, last_checkpoint, saving, trainer_with_atomic_checkpoints
+from llmkit.config import resolve
+from llmkit.errors import Interrupted, LlmkitError, RecipeError
+from llmkit.files import write_json
+from llmkit.hf import global_batch_size
+from llmkit.memory import keep_freed_memory
+from llmkit.metrics import with_perplexity
+from llmkit.recipe import Recipe
+from llmkit.recipefile import dump_yaml
+from llmkit.tasks import get_task
+
+if TYPE_CHECKING:
+    from llmkit.tasks.base import Task
+
+log = logging.getLogger("llmkit")
+
+
+# --------------------------------------------------------------------------- data and model
+
+
+def prepare_data(
+    recipe: Recipe, task: Task, args: Any, only: str | None = None, report: dict | None = None
+) -> tuple[Any, Any, Any]:
+    """Load splits, get the tokenizer, tokenize (all splits, or `only` one).
+
+    The main process goes first; the other ranks then find its work in the datasets cache.
+    Given a `report` dict, the data preflight runs before tokenizing (its warnings logged,
+    data.on_bad_rows applied) and fills it in.
+    """
+    from datasets import DatasetDict
+
+    with args.main_process_first(desc="loading and tokenizing data"):
+        raw, tokenizer = preflight.load_data(recipe, task)
+        if only is not None and only not in raw:
+            raise LlmkitError(
+                f"the data has no {only!r} split (splits: {', '.join(raw)}); "
+                f"name it with data.{only}=path/to/file or pick another --split"
+            )
+        if report is not None:
+            report.update(preflight.preflight(recipe, task, raw, tokenizer))
+        todo = DatasetDict({only: raw[only]}) if only else raw
+        tokenized = task.preprocess(recipe, todo, tokenizer)
+    return raw, tokenizer, tokenized
+
+
+def estimate(recipe: Recipe, task: Task, tokenizer: Any, tokenized: Any) -> dict:
+    """What a run will do: parameters, tokens per step, steps and epochs (no weights are allocated)."""
+    args = recipe.args
+    model = modeling.build_model(recipe, task, tokenizer, task.model_kwargs(recipe), meta=True)
+    if recipe.lora is not None:
+        model = modeling.apply_lora(model, recipe, None)
+    trainable, total = modeling.count_parameters(model)
+    per_step = global_batch_size(args)
+    n_train = len(tokenized["train"])
+    steps_per_epoch = max(
+        1, math.ceil(n_train / (args.per_device_train_batch_size * args.world_size)) // args.gradient_accumulation_steps
+    )
+    steps = args.max_steps if args.max_steps > 0 else math.ceil(steps_per_epoch * args.num_train_epochs)
+    return {
+        "task": task.name,
+        "model": modeling.describe_model(recipe),
+        "parameters": total,
+        "trainable_parameters": trainable,
+        "train_samples": n_train,
+        "eval_samples": len(tokenized["validation"]) if "validation" in tokenized else 0,
+        "samples_per_step": per_step,
+        "tokens_per_step": per_step * recipe.data.max_length if task.tokens_per_sample else None,
+        "steps": steps,
+        "epochs": steps / steps_per_epoch,
+        "bf16": bool(args.bf16),
+    }
+
+
+def model_for_training(recipe: Recipe, task: Task, tokenizer: Any, wipe: bool) -> Any:
+    """The model a run trains: built, the task's hooks installed, LoRA applied, CPU dropout made fast.
+
+    Under --overwrite the old run is deleted here, once data and model are ready (a failing new run
+    never costs the old one) and before LoRA saves the base model's config into the folder.
+    """
+    args = recipe.args
+    model = modeling.build_model(recipe, task, tokenizer, task.model_kwargs(recipe))
+    task.prepare_model(recipe, model)
+    if wipe:
+        rundir.wipe(recipe.output_dir, args)
+    if recipe.lora is not None:
+        model = modeling.apply_lora(model, recipe, recipe.output_dir if args.process_index == 0 else None)
+    if recipe.model.fast_dropout and args.use_cpu and not args.torch_compile:  # inductor fuses its own dropout
+        from llmkit import fastdropout
+
+        fastdropout.install(model, choose_attention=recipe.model.attn_implementation is None)
+    trainable, total = modeling.count_parameters(model)
+    log.info(
+        "Model %s: %s parameters, %s trainable (%.2f%%)",
+        modeling.describe_model(recipe),
+        f"{total:,}",
+        f"{trainable:,}",
+        100 * trainable / max(total, 1),
+    )
+    return model
+
+
+def build_trainer(
+    recipe: Recipe, task: Task, model: Any, tokenizer: Any, train: Any, evaluation: Any, callbacks: list | None = None
+) -> Any:
+    """The Trainer (Seq2SeqTrainer for seq2seq tasks, with atomic checkpoints) for training or evaluation."""
+    import transformers
+
+    from llmkit.progress import show_progress
+
+    base = transformers.Seq2SeqTrainer if task.seq2seq else transformers.Trainer
+    compute_metrics, reduce_logits = task.metrics(recipe, tokenizer, evaluation)
+    trainer = trainer_with_atomic_checkpoints(base)(
+        model=model,
+        args=recipe.args,
+        data_collator=task.collator(recipe, tokenizer, model),
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=tokenizer,
+        compute_metrics=compute_metrics,
+        preprocess_logits_for_metrics=reduce_logits,
+        callbacks=callbacks,
+    )
+    show_progress(trainer)  # a named bar with loss/lr/samples/s, plain lines in pipes, nothing under --quiet
+    return trainer
+
+
+# --------------------------------------------------------------------------- train
+
+
+def train(
+    recipe: Recipe,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    dry_run: bool = False,
+    callbacks: list | None = None,
+) -> dict:
+    """Run the recipe end to end: data, tokenizer, model, Trainer, outputs. Returns the summary.
+
+    With dry_run=True everything is validated and tokenized but nothing is trained or written;
+    the estimate (parameters, tokens per step, steps, epochs) is returned instead. `callbacks`
+    (transformers TrainerCallback instances) are added to the Trainer, e.g. to time steps.
+    """
+    from transformers import set_seed
+
+    task = get_task(recipe.task)
+    if recipe.args is None:
+        resolve(recipe)
+    ckpt, wipe = (None, False) if dry_run else rundir.plan_run(recipe, overwrite, resume)
+    started = time.time()
+    keep_freed_memory()
+    set_seed(recipe.args.seed)
+    report: dict = {}
+    _, tokenizer, tokenized = prepare_data(recipe, task, recipe.args, report=report)
+    if dry_run:
+        return estimate(recipe, task, tokenizer, tokenized)
+    model = model_for_training(recipe, task, tokenizer, wipe)
+    trainer = build_trainer(recipe, task, model, tokenizer, tokenized["train"], tokenized.get("validation"), callbacks)
+    _start_run_folder(trainer, recipe, report)
+    train_metrics = _fit(trainer, ckpt)
+    eval_metrics = _final_evaluation(trainer, task) if "validation" in tokenized else {}
+    return _finish(trainer, recipe, task, train_metrics, eval_metrics, time.time() - started)
+
+
+def _start_run_folder(trainer: Any, recipe: Recipe, report: dict) -> None:
+    """Before the first step: the resolved recipe (which marks the folder as an llmkit run) and the preflight."""
+    if trainer.is_world_process_zero():
+        out = recipe.output_dir
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.yaml").write_text(dump_yaml(rundir.resolved_dict(recipe)), encoding="utf-8")
+        preflight.save_report(report, out / "preflight.json")
+
+
+def _fit(trainer: Any, ckpt: Path | None) -> dict:
+    """trainer.train, stopping cleanly on SIGINT/SIGTERM (Interrupted), then the final model saved."""
+    from llmkit.interrupt import StopOnSignal
+
+    out = Path(trainer.args.output_dir)
+    stopper = StopOnSignal(trainer.args.world_size)
+    trainer.add_callback(stopper)
+    if ckpt is not None:
+        trainer.args.eval_on_start = False  # the original run evaluated its start already; its log has that point
+    with stopper:
+        result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    if stopper.stopped:
+        saved = last_checkpoint(out)
+        raise Interrupted(f"stopped at step {trainer.state.global_step}; checkpoint saved in {saved}")
+    with saving("the final model", out):
+        trainer.save_model()
+    if trainer.is_world_process_zero():
+        drop_pickled_args(out)
+    return dict(result.metrics)
+
+
+def _final_evaluation(trainer: Any, task: Task) -> dict:
+    """The metrics of the trained model on the validation split (those of the last evaluation if it was this model)."""
+    last = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
+    if last and last["step"] == trainer.state.global_step and not trainer.args.load_best_model_at_end:
+        # The Trainer just evaluated this very model: do not pay for it (or its generation) twice.
+        metrics = {k: v for k, v in last.items() if k.startswith("eval_") or k == "epoch"}
+    else:
+        metrics = trainer.evaluate(metric_key_prefix="eval")
+    return with_perplexity(metrics) if task.perplexity else metrics
+
+
+def _finish(trainer: Any, recipe: Recipe, task: Task, train_metrics: dict, eval_metrics: dict, wall: float) -> dict:
+    """The run's outputs (state, metrics, summary, plots, model card), summary.json last; returns the summary."""
+    if not trainer.is_world_process_zero():
+        return {}
+    from llmkit.report import write_run_report
+
+    out = recipe.output_dir
+    trainer.save_state()
+    write_json(out / "train_results.json", train_metrics)
+    if eval_metrics:
+        write_json(out / "eval_validation.json", eval_metrics)
+    summary = rundir.summarize(recipe, task, trainer, train_metrics, eval_metrics, wall)
+    write_run_report(out, recipe, task, summary)
+    write_json(out / rundir.FINISHED, summary)  # last: its presence marks the run finished
+    return summary
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def evaluate(recipe: Recipe, split: str = "validation") -> dict:
+    """Evaluate the recipe's model on one split; write eval_<split>.json to output_dir and return the metrics."""
+    task = get_task(recipe.task)
+    if recipe.args is None:
+        resolve(recipe)
+    keep_freed_memory()
+    _, tokenizer, tokenized = prepare_data(recipe, task, recipe.args, only=split)
+    model = modeling.build_model(recipe, task, tokenizer, task.model_kwargs(recipe))
+    task.prepare_model(recipe, model)
+    trainer = build_trainer(recipe, task, model, tokenizer, None, tokenized[split])
+    metrics = trainer.evaluate(metric_key_prefix="eval")
+    metrics = {
+        "split": split,
+        "samples": len(tokenized[split]),
+        **(with_perplexity(metrics) if task.perplexity else metrics),
+    }
+    if trainer.is_world_process_zero():
+        recipe.output_dir.mkdir(parents=True, exist_ok=True)
+        write_json(recipe.output_dir / f"eval_{split}.json", metrics)
+    return metrics
+
+
+def check_stage(recipe: Recipe, stage: str) -> None:
+    """`pretrain` runs pretraining tasks and `finetune` fine-tuning tasks; say so on a mix-up."""
+    task = get_task(recipe.task)
+    if task.stage != stage:
+        other = "pretrain" if task.stage == "pretrain" else "finetune"
+        raise RecipeError(f"task {task.name!r} is a {task.stage} task: run it with `llmkit {other}`")
