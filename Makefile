@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test lint demo bench quality clean
+.PHONY: install test fuzz lint demo bench quality clean
 
 $(BIN)/llmkit: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,9 @@ install: $(BIN)/llmkit  ## create .venv with torch (CPU) and llmkit[dev]
 
 test: $(BIN)/llmkit  ## the full offline test suite (unit, smoke, distributed)
 	$(BIN)/python -m pytest -q
+
+fuzz: $(BIN)/llmkit  ## the property tests with 3,000 fresh random examples each (`make test` replays fixed ones)
+	LLMKIT_FUZZ=$${LLMKIT_FUZZ:-3000} $(BIN)/python -m pytest -q tests/unit/test_hostile.py -k "any_ or random_values"
 
 lint: $(BIN)/llmkit
 	$(BIN)/ruff check llmkit tests benchmarks

@@ -163,7 +163,7 @@ def check(
             preflight.save_report(report, path)
             typer.echo(f"Saved the report to {path}")
         # Logs the warnings; under data.on_bad_rows=error a bad row is a DataError (exit 2).
-        preflight.enforce(r, task, raw, tokenizer, report)
+        preflight.enforce(r, task, raw, report)
 
     guarded(debug, go)
 

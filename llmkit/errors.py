@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -40,3 +41,10 @@ def show(value: Any, limit: int = 80) -> str:
     """repr() of a value from the recipe, cut short: an error message stays one readable line."""
     text = repr(value)
     return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
+
+
+def offline_hint() -> str:
+    """' (offline mode)' when the Hugging Face Hub is switched off: the likely reason a model cannot be loaded."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1":
+        return " (offline mode)"
+    return ""

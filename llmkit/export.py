@@ -9,6 +9,7 @@ from llmkit import modeling
 from llmkit.errors import LlmkitError
 from llmkit.rundir import check_replaceable, recipe_for_evaluation
 from llmkit.tasks import get_task
+from llmkit.tokenizer import get_tokenizer
 
 
 def export(run_dir: Path, out_dir: Path, merge: bool = False, overwrite: bool = False) -> str:
@@ -25,7 +26,7 @@ def export(run_dir: Path, out_dir: Path, merge: bool = False, overwrite: bool = 
         raise LlmkitError(f"{out_dir} exists and is not empty; pass --overwrite or choose another folder")
     check_replaceable(out_dir, "choose another folder to export to")
     task = get_task(recipe.task)
-    tokenizer = modeling.get_tokenizer(recipe, task, None)
+    tokenizer = get_tokenizer(recipe, task, None)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if merge:

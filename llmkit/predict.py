@@ -9,6 +9,7 @@ from llmkit import modeling
 from llmkit.errors import LlmkitError
 from llmkit.recipe import Recipe
 from llmkit.tasks import get_task
+from llmkit.tokenizer import get_tokenizer
 
 
 def read_inputs(path: Path) -> list[dict]:
@@ -91,7 +92,7 @@ def predict(recipe: Recipe, input_path: Path, output_path: Path, overwrite: bool
                     f"{input_path}, row {i}: needs a {column!r} (or 'text') column (found: {', '.join(row) or 'none'})"
                 )
             row[column] = row["text"]
-    tokenizer = modeling.get_tokenizer(recipe, task, None)
+    tokenizer = get_tokenizer(recipe, task, None)
     model = modeling.build_model(recipe, task, tokenizer, modeling.head_kwargs(task, recipe))
     model.eval()
     outputs = task.predict(recipe, model, tokenizer, rows)

@@ -12,9 +12,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from llmkit import data, modeling, rows
+from llmkit import data, rows
 from llmkit.data import require_columns, split_origin
 from llmkit.files import atomic_write
+from llmkit.tokenizer import get_tokenizer
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
@@ -229,43 +230,50 @@ def build_report(recipe: Recipe, task: Task, raw: DatasetDict, tokenizer: Any) -
                     shown = ", ".join(f"{n} ({facts['label_counts'][n]})" for n in facts["unseen_labels"][:10])
                     warn(f"{where}: labels never seen in training: {shown}; the model cannot learn to predict them")
         report["splits"][split] = facts
-        if facts.get("tag_scheme_violations"):
-            v = facts["first_tag_scheme_violation"]
-            warn(
-                f"{where}: {facts['tag_scheme_violations']} rows have an I- tag without a B- of its type before it "
-                f"(first: row {v['row']}, token {v['token']}: {v['tag']} after {v['after'] or 'the start'}); "
-                "seqeval reads it as a new entity: check the data is IOB2"
-            )
-        sampled = " sampled" if facts.get("tokenized_rows", facts["rows"]) < facts["rows"] else ""
-        if facts.get("truncated"):
-            warn(
-                f"{where}: {facts['truncated_share']:.1%} of examples ({facts['truncated']:,} of "
-                f"{facts['tokenized_rows']:,}{sampled} rows) are longer than data.max_length={recipe.data.max_length} "
-                f"tokens (longest: {facts['longest']}) and get truncated; raise data.max_length to keep them whole"
-            )
-        if facts.get("truncated_targets"):
-            warn(
-                f"{where}: {facts['truncated_targets_share']:.1%} of targets ({facts['truncated_targets']:,} of "
-                f"{facts['tokenized_rows']:,}{sampled} rows) are longer than data.max_target_length="
-                f"{recipe.data.max_target_length} tokens (longest: {facts['longest_target']}) and get truncated"
-            )
+        report["warnings"] += _shape_warnings(recipe, where, facts)
     return report
 
 
-def enforce(recipe: Recipe, task: Task, raw: DatasetDict, tokenizer: Any, report: dict) -> None:
-    """Log the report's warnings, then apply data.on_bad_rows to the splits with bad rows.
+def _shape_warnings(recipe: Recipe, where: str, facts: dict) -> list[str]:
+    """A split's warnings about tag schemes and truncation."""
+    warnings = []
+    if facts.get("tag_scheme_violations"):
+        v = facts["first_tag_scheme_violation"]
+        warnings.append(
+            f"{where}: {facts['tag_scheme_violations']} rows have an I- tag without a B- of its type before it "
+            f"(first: row {v['row']}, token {v['token']}: {v['tag']} after {v['after'] or 'the start'}); "
+            "seqeval reads it as a new entity: check the data is IOB2"
+        )
+    sampled = " sampled" if facts.get("tokenized_rows", facts["rows"]) < facts["rows"] else ""
+    if facts.get("truncated"):
+        warnings.append(
+            f"{where}: {facts['truncated_share']:.1%} of examples ({facts['truncated']:,} of "
+            f"{facts['tokenized_rows']:,}{sampled} rows) are longer than data.max_length={recipe.data.max_length} "
+            f"tokens (longest: {facts['longest']}) and get truncated; raise data.max_length to keep them whole"
+        )
+    if facts.get("truncated_targets"):
+        warnings.append(
+            f"{where}: {facts['truncated_targets_share']:.1%} of targets ({facts['truncated_targets']:,} of "
+            f"{facts['tokenized_rows']:,}{sampled} rows) are longer than data.max_target_length="
+            f"{recipe.data.max_target_length} tokens (longest: {facts['longest_target']}) and get truncated"
+        )
+    return warnings
 
-    Under `error` the task's own preprocess fails on them: its data.drop_bad_rows raises before anything is
-    tokenized, so the DataError (one line naming split, row, problem and fix) is word for word the run's.
-    Under skip/warn nothing happens here: the run's preprocess drops or keeps the rows and says so.
+
+def enforce(recipe: Recipe, task: Task, raw: DatasetDict, report: dict) -> None:
+    """Log the report's warnings; under data.on_bad_rows=error, fail on the first bad row.
+
+    The failure is the run's own, word for word: the same rules (rows.py) through the same
+    rows.drop_bad_rows that the task's preprocess applies, before anything is tokenized. Under
+    skip/warn nothing happens here: the run's preprocess drops or keeps the rows and says so.
     """
-    from datasets import DatasetDict
-
     for message in report["warnings"]:
         log.warning("%s", message)
-    bad = [split for split, facts in report["splits"].items() if facts.get("bad_rows")]
-    if bad and recipe.data.on_bad_rows == "error":
-        task.preprocess(recipe, DatasetDict({split: raw[split] for split in bad}), tokenizer)
+    if recipe.data.on_bad_rows == "error":
+        columns = list(task.checked_columns(recipe).values())
+        for split, facts in report["splits"].items():
+            if facts.get("bad_rows"):
+                rows.drop_bad_rows(recipe, raw[split], split, columns)
 
 
 def preflight(recipe: Recipe, task: Task, raw: DatasetDict, tokenizer: Any) -> dict:
@@ -280,7 +288,7 @@ def preflight(recipe: Recipe, task: Task, raw: DatasetDict, tokenizer: Any) -> d
         DataError: data.on_bad_rows is `error` and a split has a bad row (or a role's column is missing).
     """
     report = build_report(recipe, task, raw, tokenizer)
-    enforce(recipe, task, raw, tokenizer, report)
+    enforce(recipe, task, raw, report)
     return report
 
 
@@ -292,7 +300,7 @@ def load_data(recipe: Recipe, task: Task) -> tuple[DatasetDict, Any]:
     raw = data.load_splits(recipe, seed=recipe.args.seed if recipe.args is not None else 42)
     if task.labels is not None:
         recipe.options.labels = task.labels(recipe, raw)
-    return raw, modeling.get_tokenizer(recipe, task, raw["train"])
+    return raw, get_tokenizer(recipe, task, raw["train"])
 
 
 def default_path(recipe: Recipe) -> Path | None:

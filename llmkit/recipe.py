@@ -235,7 +235,7 @@ def _check_semantics(r: Recipe) -> None:
         raise RecipeError(f"trainer.output_dir must name a folder, e.g. runs/my-run; got {show(out)}")
     for role, column in d.columns.items():
         if not isinstance(column, str):
-            raise RecipeError(f"data.columns.{role} must be a column name (a string), got {show(column)}")
+            raise RecipeError(f"{show(f'data.columns.{role}')} must be a column name (a string), got {show(column)}")
 
 
 BUILTIN_SOURCES = ("pydoc",)

@@ -122,12 +122,43 @@ def plot_confusion(run_dir: Path, out_dir: Path) -> Path | None:
     return out_dir / "confusion_matrix.png"
 
 
+def _datasets(data: Any) -> list[str]:
+    """What the model card lists as its data: the Hub dataset, the built-in corpus or the files' names."""
+    if data.source:
+        return [f"llmkit built-in corpus: {data.source}"]
+    return [data.load["path"]] if data.load else [Path(p).name for s in SPLITS for p in data.files(s)]
+
+
+def _how_to_load(recipe: Any, task: Any) -> str:
+    """The Python that loads the run's model: the model itself, or base + LoRA adapter."""
+    auto = task.auto_model
+    if recipe.lora is None:
+        load = f'from transformers import {auto}, AutoTokenizer\n\nmodel = {auto}.from_pretrained("RUN_DIR")\n'
+    else:
+        load = (
+            f"from peft import PeftModel\nfrom transformers import {auto}, AutoTokenizer\n\n"
+            f"# base + adapter (or `llmkit export RUN_DIR OUT_DIR --merge` for one standalone model)\n"
+            f'base = {auto}.from_pretrained("{recipe.model.name_or_path or "RUN_DIR/base_model"}")\n'
+            f'model = PeftModel.from_pretrained(base, "RUN_DIR")\n'
+        )
+    return load + 'tokenizer = AutoTokenizer.from_pretrained("RUN_DIR")'
+
+
+def _training_facts(summary: dict, adapter: bool) -> list[str]:
+    tokens = summary.get("train_tokens_per_second")
+    return [
+        f"- model: {summary.get('model')}; {summary.get('parameters', 0):,} parameters, "
+        f"{summary.get('trainable_parameters', 0):,} trained{' (LoRA adapter)' if adapter else ''}",
+        f"- {summary.get('steps')} steps, {summary.get('epochs', 0):.2f} epochs, global batch {summary.get('global_batch_size')}, "
+        f"{summary.get('world_size')} process(es), {'bf16' if summary.get('bf16') else 'fp32'}",
+        f"- wall time {summary.get('wall_time_s', 0):.0f} s, {summary.get('train_samples_per_second') or 0:.1f} samples/s"
+        + (f", {tokens:.0f} tokens/s" if tokens else ""),
+    ]
+
+
 def model_card(recipe: Any, task: Any, summary: dict) -> str:
     """A Hugging Face model card (README.md): metadata header, results, training, data, how to load, recipe."""
-    data = recipe.data
-    datasets = [data.load["path"]] if data.load else [Path(p).name for s in SPLITS for p in data.files(s)]
-    if data.source:
-        datasets = [f"llmkit built-in corpus: {data.source}"]
+    datasets = _datasets(recipe.data)
     metrics = {
         k.removeprefix("eval_"): v
         for k, v in summary.get("final_metrics", {}).items()
@@ -139,19 +170,7 @@ def model_card(recipe: Any, task: Any, summary: dict) -> str:
     if datasets:
         header["datasets"] = datasets
     header["metrics"] = sorted(metrics)
-    adapter = recipe.lora is not None
-    auto = task.auto_model
-    load = (
-        f"from peft import PeftModel\nfrom transformers import {auto}, AutoTokenizer\n\n"
-        f"# base + adapter (or `llmkit export RUN_DIR OUT_DIR --merge` for one standalone model)\n"
-        f'base = {auto}.from_pretrained("{recipe.model.name_or_path or "RUN_DIR/base_model"}")\n'
-        f'model = PeftModel.from_pretrained(base, "RUN_DIR")\n'
-        if adapter
-        else f'from transformers import {auto}, AutoTokenizer\n\nmodel = {auto}.from_pretrained("RUN_DIR")\n'
-    )
-    load += 'tokenizer = AutoTokenizer.from_pretrained("RUN_DIR")\n'
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in metrics.items())
-    tokens = summary.get("train_tokens_per_second")
     lines = [
         "---",
         dump_yaml(header).rstrip(),
@@ -169,12 +188,7 @@ def model_card(recipe: Any, task: Any, summary: dict) -> str:
         "",
         "## Training",
         "",
-        f"- model: {summary.get('model')}; {summary.get('parameters', 0):,} parameters, "
-        f"{summary.get('trainable_parameters', 0):,} trained{' (LoRA adapter)' if adapter else ''}",
-        f"- {summary.get('steps')} steps, {summary.get('epochs', 0):.2f} epochs, global batch {summary.get('global_batch_size')}, "
-        f"{summary.get('world_size')} process(es), {'bf16' if summary.get('bf16') else 'fp32'}",
-        f"- wall time {summary.get('wall_time_s', 0):.0f} s, {summary.get('train_samples_per_second') or 0:.1f} samples/s"
-        + (f", {tokens:.0f} tokens/s" if tokens else ""),
+        *_training_facts(summary, recipe.lora is not None),
         "",
         "## Data",
         "",
@@ -183,7 +197,7 @@ def model_card(recipe: Any, task: Any, summary: dict) -> str:
         "## How to load",
         "",
         "```python",
-        load.rstrip(),
+        _how_to_load(recipe, task),
         "```",
         "",
         "## Recipe",

@@ -71,7 +71,7 @@ def test_counts_empty_rows_duplicates_and_unseen_labels(tokenizer, caplog):
     assert json.loads(json.dumps(report)) == report  # JSON as it is
 
     with caplog.at_level(logging.WARNING, logger="llmkit"):
-        preflight.enforce(recipe, get_task("classification"), raw, tokenizer, report)  # warn: the empty row passes
+        preflight.enforce(recipe, get_task("classification"), raw, report)  # warn: the empty row passes
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "validation split (validation.jsonl): 2 rows are also in the training data" in logged
     assert "labels never seen in training: neutral (1)" in logged
@@ -157,7 +157,7 @@ def test_the_bad_row_error_is_the_tasks_own(tokenizer, name, rows):
     task = get_task(name)
     report = _report(recipe, raw, tokenizer)
     with pytest.raises(DataError) as ours:
-        preflight.enforce(recipe, task, raw, tokenizer, report)
+        preflight.enforce(recipe, task, raw, report)
     with pytest.raises(DataError) as theirs:
         task.preprocess(recipe, raw, tokenizer)
     assert str(ours.value) == str(theirs.value)
