@@ -114,13 +114,11 @@ def build_trainer(
     recipe: Recipe, task: Task, model: Any, tokenizer: Any, train: Any, evaluation: Any, callbacks: list | None = None
 ) -> Any:
     """The Trainer (Seq2SeqTrainer for seq2seq tasks, with atomic checkpoints) for training or evaluation."""
-    import transformers
 
     from llmkit.progress import show_progress
 
-    base = transformers.Seq2SeqTrainer if task.seq2seq else transformers.Trainer
     compute_metrics, reduce_logits = task.metrics(recipe, tokenizer, evaluation)
-    trainer = trainer_with_atomic_checkpoints(base)(
+    trainer = trainer_class(task)(
         model=model,
         args=recipe.args,
         data_collator=task.collator(recipe, tokenizer, model),
@@ -133,6 +131,25 @@ def build_trainer(
     )
     show_progress(trainer)  # a named bar with loss/lr/samples/s, plain lines in pipes, nothing under --quiet
     return trainer
+
+
+def trainer_class(task: Task) -> type:
+    """The Trainer class for a task: Seq2SeqTrainer for seq2seq tasks, atomic checkpoints, the task's loss hook."""
+    import transformers
+
+    base = trainer_with_atomic_checkpoints(transformers.Seq2SeqTrainer if task.seq2seq else transformers.Trainer)
+    if task.compute_loss is None:
+        return base
+    hook = task.compute_loss
+
+    class TaskLossTrainer(base):
+        def compute_loss(
+            self, model: Any, inputs: dict, return_outputs: bool = False, num_items_in_batch: Any = None
+        ) -> Any:
+            loss, outputs = hook(model, inputs, num_items_in_batch)
+            return (loss, outputs) if return_outputs else loss
+
+    return TaskLossTrainer
 
 
 # --------------------------------------------------------------------------- train

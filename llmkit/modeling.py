@@ -89,9 +89,15 @@ def build_config(recipe: Recipe, task: Task, tokenizer: Any, extra: dict) -> Any
 def build_model(recipe: Recipe, task: Task, tokenizer: Any, extra: dict | None = None, meta: bool = False) -> Any:
     """Load the pretrained model (new heads start random) or build it from the config.
 
-    With meta=True the model lives on the meta device: no memory, for counting parameters.
+    With meta=True the model lives on the meta device: no memory, for counting parameters. A task's
+    own build_model hook gets llmkit's builder as `default` and may call it, change its result or
+    replace it.
     """
-    model = _build_model(recipe, task, tokenizer, extra, meta)
+
+    def default(recipe: Recipe = recipe, tokenizer: Any = tokenizer, extra: dict | None = extra) -> Any:
+        return _build_model(recipe, task, tokenizer, extra, meta)
+
+    model = default() if task.build_model is None else task.build_model(recipe, tokenizer, dict(extra or {}), default)
     declare_loss_kwargs(model.get_base_model() if hasattr(model, "get_base_model") else model)
     return model
 

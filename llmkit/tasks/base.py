@@ -59,6 +59,11 @@ class Task:
     model_kwargs: Callable[..., dict] = field(default=lambda recipe: {})
     # (recipe, model) -> None: task-specific speed-ups installed on the built model (hooks; nothing saved changes)
     prepare_model: Callable[..., None] = field(default=lambda recipe, model: None)
+    # (recipe, tokenizer, config kwargs, default) -> the model; `default(recipe, tokenizer, kwargs)` is
+    # llmkit's own builder (pretrained, from config, encoder-decoder), which the hook may call and change
+    build_model: Callable[..., Any] | None = None
+    # (model, inputs, num_items_in_batch) -> (loss, outputs): the training and evaluation loss (None: the model's)
+    compute_loss: Callable[..., tuple[Any, Any]] | None = None
     # (recipe, model, tokenizer, rows) -> one output dict per input row
     predict: Callable[..., list[dict]] | None = None
     trainer_defaults: dict = field(default_factory=dict)  # TrainingArguments defaults for this task
