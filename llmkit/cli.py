@@ -11,7 +11,16 @@ from typing import Any
 import typer
 
 from llmkit import __version__
-from llmkit.console import guarded, print_estimate, print_metrics, print_report, setup_logging
+from llmkit.console import (
+    basic_logging,
+    guarded,
+    print_estimate,
+    print_metrics,
+    print_report,
+    setup_logging,
+    stop_on_sigterm,
+    usage_error_exit,
+)
 from llmkit.errors import LlmkitError
 
 # Plain (Click) help instead of Rich panels: importing rich and markdown-it was most of `llmkit --help`'s time.
@@ -29,7 +38,9 @@ app.add_typer(recipe_app, name="recipe")
 # then reported as a bad override (one line, exit 2) instead of Click's multi-line usage error.
 _TRAIN_CTX = {"ignore_unknown_options": True}
 
-RecipeArg = typer.Argument(..., help="Recipe YAML file.", show_default=False)
+RecipeArg = typer.Argument(
+    ..., help="Recipe YAML file, or a shipped recipe by name (bert, recipes/ner.yaml).", show_default=False
+)
 OverridesArg = typer.Argument(None, help="key=value overrides, e.g. trainer.learning_rate=3e-4", show_default=False)
 DebugOpt = typer.Option(False, "--debug", help="Show the full traceback on errors.")
 
@@ -56,6 +67,7 @@ def _root(
 def _load(recipe: Path, overrides: list[str] | None) -> Any:
     from llmkit.config import load_recipe, resolve
 
+    basic_logging()  # a recipe named by its shipped name says which file it reads
     return resolve(load_recipe(recipe, overrides or []))
 
 
@@ -155,7 +167,7 @@ def check(
         from llmkit.tasks import get_task
 
         task = get_task(r.task)
-        raw, tokenizer = preflight.load_data(r, task)
+        raw, tokenizer = preflight.load_data(r, task, strict=False)
         report = preflight.build_report(r, task, raw, tokenizer)
         typer.echo(preflight.format_report(report))
         path = json_path or preflight.default_path(r)
@@ -296,8 +308,7 @@ def recipes_list(debug: bool = DebugOpt) -> None:
     """List the shipped recipes: path, task and what each does."""
 
     def go() -> None:
-        from llmkit.recipe import shipped_recipes_dir
-        from llmkit.recipefile import load_raw
+        from llmkit.recipefile import load_raw, shipped_recipes_dir
 
         root = shipped_recipes_dir()
         for path in sorted(root.rglob("*.yaml")):
@@ -317,7 +328,9 @@ def recipe_show(recipe: Path = RecipeArg, overrides: list[str] = OverridesArg, d
         from llmkit.recipefile import dump_yaml
         from llmkit.rundir import resolved_dict
 
-        typer.echo(dump_yaml(resolved_dict(_load(recipe, overrides))).rstrip())
+        loaded = _load(recipe, overrides)
+        typer.echo(f"# {Path(loaded.recipe_file).resolve()}")  # which file was read (a shipped one, by name)
+        typer.echo(dump_yaml(resolved_dict(loaded)).rstrip())
 
     guarded(debug, go)
 
@@ -328,10 +341,18 @@ def main() -> None:
     # collections would scan again and again: ~0.7 s before a tiny run's first step. No collections until
     # the libraries are in (console.end_of_startup, called by setup_logging); after that they are frozen.
     gc.disable()
+    stop_on_sigterm()
     try:
-        app()
+        code = app(standalone_mode=False)
+    except Exception as e:  # noqa: BLE001 - Click's usage errors and Abort, whose classes Typer keeps private
+        usage_error_exit(e)
+        if type(e).__name__ == "Abort":  # Ctrl-C or SIGTERM while the command line was being parsed
+            typer.echo("interrupted", err=True)
+            sys.exit(130)
+        raise
     finally:
         _leave_process_group()
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 def _leave_process_group() -> None:

@@ -3,19 +3,20 @@ Face objects a run uses. The one place that joins the recipe schema, the tasks a
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
-from llmkit import hf
+from llmkit import hf, modeling
+from llmkit.data import check_load
 from llmkit.errors import RecipeError, suggest
 from llmkit.recipe import (
     Recipe,
     build_section,
     check_output_dir,
     default_output_dir,
-    shipped_recipes_dir,
     validate_sections,
 )
-from llmkit.recipefile import apply_overrides, load_raw
+from llmkit.recipefile import apply_overrides, find_recipe, load_raw, shipped_recipes_dir
 from llmkit.tasks import all_tasks, get_task
 
 
@@ -35,7 +36,10 @@ def validate(raw: dict, source: str = "") -> Recipe:
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Load, merge (`extends:`), override and validate a recipe file. Heavy sections are built by `resolve`."""
+    """Load, merge (`extends:`), override and validate a recipe file (or a shipped recipe by name: recipes/bert.yaml,
+    bert.yaml, bert). Heavy sections are built by `resolve`."""
+    with contextlib.suppress(OSError, ValueError):  # a name no file system takes: load_raw says so in one line
+        path = find_recipe(path)
     raw = default_output_dir(apply_overrides(load_raw(path), overrides or []), path)
     recipe = validate(raw, str(path))
     check_output_dir(recipe)
@@ -52,9 +56,11 @@ def shipped_recipe(task: str) -> Path:
 
 
 def resolve(recipe: Recipe) -> Recipe:
-    """Build the Hugging Face objects of the recipe (TrainingArguments, LoraConfig) and check generation:.
+    """Build the Hugging Face objects of the recipe (TrainingArguments, LoraConfig) and check generation:,
+    model.config and data.load against the classes they go to.
 
-    This is where a bad `trainer:`/`peft:`/`generation:` key fails, in the first seconds of a run.
+    This is where a bad `trainer:`/`peft:`/`generation:`/`model.config`/`data.load` key fails, in the first
+    seconds of a run, before any data is read.
     """
     task = get_task(recipe.task)
     recipe.trainer = hf.trainer_settings(recipe, task.trainer_defaults)
@@ -67,4 +73,7 @@ def resolve(recipe: Recipe) -> Recipe:
         recipe.lora = hf.lora_config(recipe.peft, task.peft_task_type)
     if recipe.generation is not None:
         hf.check_generation(recipe.generation)
+    modeling.check_model_config(recipe.model)
+    if recipe.data.load is not None:
+        check_load(recipe.data.load)
     return recipe

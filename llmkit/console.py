@@ -14,10 +14,10 @@ import typer
 from llmkit.errors import Interrupted, LlmkitError, first_line
 
 
-def setup_logging() -> None:
+def basic_logging() -> None:
+    """llmkit's own log lines on stderr ("[llmkit] ..."), at the --quiet/--verbose level; stdlib only, so cheap."""
     import logging
 
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Under torchrun/accelerate only rank 0 reports progress; the other ranks speak up for problems only.
     rank = int(os.environ.get("RANK", "0"))
     verbosity = os.environ.get("LLMKIT_VERBOSITY", "normal")
@@ -26,6 +26,13 @@ def setup_logging() -> None:
     root = level if verbosity == "verbose" else logging.WARNING
     logging.basicConfig(level=root, format="[llmkit] %(message)s", stream=sys.stderr, force=True)
     logging.getLogger("llmkit").setLevel(level)
+
+
+def setup_logging() -> None:
+    """basic_logging, then the ML libraries' verbosity and progress bars (imports them: call it inside commands)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    verbosity = os.environ.get("LLMKIT_VERBOSITY", "normal")
+    basic_logging()
     import datasets
     import transformers
 
@@ -61,8 +68,8 @@ def guarded(debug: bool, fn: Callable[[], Any]) -> Any:
         words = [w for w in sys.argv[1:] if w not in ("--overwrite", "--resume")]
         typer.echo(f"interrupted: {e}. Resume with: llmkit {shlex.join(words)} --resume", err=True)
         raise typer.Exit(130) from None
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
+    except KeyboardInterrupt as e:
+        typer.echo(f"interrupted{' (SIGTERM)' if str(e) == 'SIGTERM' else ''}", err=True)
         raise typer.Exit(130) from None
     except (typer.Exit, typer.Abort):
         raise
@@ -74,6 +81,36 @@ def guarded(debug: bool, fn: Callable[[], Any]) -> Any:
         raise typer.Exit(0) from None
     except Exception as e:  # noqa: BLE001 - the last line of defence: one line, not a traceback
         return _fail(e, debug)
+
+
+def usage_error_exit(e: Exception) -> None:
+    """A usage error of the command parser (a missing option, a bad value): one line on stderr, exit 2.
+
+    Click prints usage and a box of four lines; the parser's own message is enough, with where to look.
+    Returns (for the caller to re-raise) when `e` is not a usage error.
+    """
+    if getattr(e, "exit_code", None) != 2 or not hasattr(e, "format_message"):
+        return
+    ctx = getattr(e, "ctx", None)
+    where = ctx.command_path if ctx is not None else "llmkit"
+    message = (e.format_message() or "").strip().splitlines() or ["usage error"]
+    typer.echo(f"error: {message[0]} (see `{where} --help`)", err=True)
+    sys.exit(2)
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (a scheduler, `kill`, torchrun stopping the other ranks) ends any command as Ctrl-C does: exit 130.
+
+    Training installs its own handler (save a checkpoint, then stop) and puts this one back afterwards.
+    """
+    import signal
+    import threading
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt("SIGTERM")
+
+    if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
+        signal.signal(signal.SIGTERM, terminate)
 
 
 def _fail(e: Exception, debug: bool) -> Any:

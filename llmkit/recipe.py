@@ -241,12 +241,6 @@ def _check_semantics(r: Recipe) -> None:
 BUILTIN_SOURCES = ("pydoc",)
 
 
-def shipped_recipes_dir() -> Path:
-    """The recipes/ folder: inside the installed package (wheel), else beside it (a checkout)."""
-    here = Path(__file__).resolve().parent
-    return here / "recipes" if (here / "recipes").is_dir() else here.parent / "recipes"
-
-
 def default_output_dir(raw: dict, path: str | Path) -> dict:
     """trainer.output_dir defaults to runs/<recipe file name>."""
     raw.setdefault("trainer", {})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -136,10 +137,43 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def load_raw(path: str | Path, _stack: tuple[Path, ...] = ()) -> dict:
-    """Read a recipe file and everything it `extends:` (relative to the file), merged: extended < this file."""
-    path = Path(path)
+def shipped_recipes_dir() -> Path:
+    """The recipes/ folder: inside the installed package (wheel), else beside it (a checkout)."""
+    here = Path(__file__).resolve().parent
+    return here / "recipes" if (here / "recipes").is_dir() else here.parent / "recipes"
+
+
+def shipped_recipe_file(name: str) -> Path | None:
+    """The shipped recipe a name means, from any folder: `recipes/bert.yaml`, `bert.yaml` or `bert`; else None."""
+    parts = [p for p in str(name).replace("\\", "/").split("/") if p not in ("", ".")]
+    if not parts or Path(name).is_absolute() or ".." in parts:
+        return None
+    if parts[0] == "recipes" and len(parts) > 1:
+        parts = parts[1:]
+    if not parts[-1].endswith((".yaml", ".yml")):
+        parts[-1] += ".yaml"
+    path = shipped_recipes_dir().joinpath(*parts)
+    return path if path.is_file() else None
+
+
+def find_recipe(name: str | Path, folder: Path | None = None) -> Path:
+    """The file a recipe name means: an existing file (relative to `folder`, else the current folder) wins;
+    else llmkit's shipped recipe of that path or name (one log line says which file is read)."""
+    path = Path(folder, name) if folder is not None else Path(name)
+    if path.is_file():
+        return path
+    shipped = shipped_recipe_file(str(name))
+    if shipped is None:
+        return path  # reported as not found by the reader
+    logging.getLogger("llmkit").info("Reading llmkit's shipped recipe %s", shipped)
+    return shipped
+
+
+def load_raw(path: str | Path, _stack: tuple[Path, ...] = (), _folder: Path | None = None) -> dict:
+    """Read a recipe file and everything it `extends:` (relative to the file, else shipped), merged:
+    extended < this file. A name that is no file is looked up among the shipped recipes (find_recipe)."""
     try:
+        path = find_recipe(path, _folder)
         resolved = path.resolve()
         path.is_file()  # a name too long for the file system fails here, not halfway through
     except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
@@ -165,7 +199,7 @@ def load_raw(path: str | Path, _stack: tuple[Path, ...] = ()) -> dict:
         raise RecipeError(f"{path}: extends must be a file name or a list of file names")
     merged: dict = {}
     for parent in parents:
-        merged = deep_merge(merged, load_raw(path.parent / parent, (*_stack, resolved)))
+        merged = deep_merge(merged, load_raw(parent, (*_stack, resolved), path.parent))
     return deep_merge(merged, data)
 
 

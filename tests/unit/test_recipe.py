@@ -157,3 +157,41 @@ def test_remote_code_is_off_unless_asked_and_then_named(write, caplog):
             )
         )
     assert "Python code from 'acme/odd-model' will run on this machine" in caplog.text
+
+
+# --------------------------------------------------------------------------- shipped recipes by name, from any folder
+
+
+@pytest.mark.parametrize("name", ["recipes/bert.yaml", "bert.yaml", "bert", "recipes/bert"])
+def test_a_shipped_recipe_by_its_path_or_name_from_any_folder(tmp_path, monkeypatch, name, caplog):
+    from llmkit.recipefile import find_recipe, shipped_recipes_dir
+
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level("INFO", logger="llmkit"):
+        assert find_recipe(name) == shipped_recipes_dir() / "bert.yaml"
+    assert caplog.messages == [f"Reading llmkit's shipped recipe {shipped_recipes_dir() / 'bert.yaml'}"]
+    recipe = load_recipe(name)
+    assert recipe.task == "mlm" and recipe.recipe_file == str(shipped_recipes_dir() / "bert.yaml")
+    assert recipe.trainer["output_dir"] == "runs/bert"
+
+
+def test_a_local_file_of_the_same_path_wins(write, tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    write("recipes/bert.yaml", BASE)
+    with caplog.at_level("INFO", logger="llmkit"):
+        assert load_raw("recipes/bert.yaml")["model"]["config"]["hidden_size"] == 32
+    assert not caplog.messages
+
+
+def test_extends_names_a_shipped_recipe_from_anywhere(write, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write("elsewhere/mine.yaml", "extends: recipes/tiny/gpt2.yaml\ntrainer: {learning_rate: 0.01}\n")
+    raw = load_raw(path)
+    assert raw["task"] == "clm" and raw["trainer"]["learning_rate"] == 0.01 and raw["data"]["source"] == "pydoc"
+
+
+@pytest.mark.parametrize("name", ["nothing-like-it", "recipes/../pyproject", "/abs/bert.yaml"])
+def test_no_file_and_no_shipped_recipe_is_still_not_found(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RecipeError, match=f"recipe file not found: {name}"):
+        load_raw(name)
