@@ -187,7 +187,18 @@ def train(
     _start_run_folder(trainer, recipe, report)
     train_metrics = _fit(trainer, ckpt)
     eval_metrics = _final_evaluation(trainer, task) if "validation" in tokenized else {}
-    return _finish(trainer, recipe, task, train_metrics, eval_metrics, time.time() - started)
+    wall = time.time() - started
+    return _finish(trainer, recipe, task, train_metrics, eval_metrics, wall, mean_tokens(tokenized["train"]))
+
+
+def mean_tokens(ds: Any) -> float | None:
+    """Tokens per sample of a tokenized split (input_ids without padding; exact for packed blocks)."""
+    import pyarrow.compute as pc
+
+    if "input_ids" not in ds.column_names or len(ds) == 0:
+        return None
+    lengths = pc.list_value_length(ds.with_format("arrow")[:]["input_ids"])
+    return float(pc.mean(lengths).as_py())
 
 
 def _start_run_folder(trainer: Any, recipe: Recipe, report: dict) -> None:
@@ -231,7 +242,9 @@ def _final_evaluation(trainer: Any, task: Task) -> dict:
     return with_perplexity(metrics) if task.perplexity else metrics
 
 
-def _finish(trainer: Any, recipe: Recipe, task: Task, train_metrics: dict, eval_metrics: dict, wall: float) -> dict:
+def _finish(
+    trainer: Any, recipe: Recipe, task: Task, train_metrics: dict, eval_metrics: dict, wall: float, tokens: float | None
+) -> dict:
     """The run's outputs (state, metrics, summary, plots, model card), summary.json last; returns the summary."""
     if not trainer.is_world_process_zero():
         return {}
@@ -242,7 +255,7 @@ def _finish(trainer: Any, recipe: Recipe, task: Task, train_metrics: dict, eval_
     write_json(out / "train_results.json", train_metrics)
     if eval_metrics:
         write_json(out / "eval_validation.json", eval_metrics)
-    summary = rundir.summarize(recipe, task, trainer, train_metrics, eval_metrics, wall)
+    summary = rundir.summarize(recipe, task, trainer, train_metrics, eval_metrics, wall, tokens)
     write_run_report(out, recipe, task, summary)
     write_json(out / rundir.FINISHED, summary)  # last: its presence marks the run finished
     return summary

@@ -193,5 +193,6 @@ def compute_extra(modules: list[tuple[str, Any]], predictions: Any, references: 
         result = module.compute(predictions=predictions, references=references) or {}
         for key, value in result.items():
             if isinstance(value, (int, float)):
-                out[f"{name.split('/')[-1]}_{key}" if key != name else key] = float(value)
+                short = name.split("/")[-1].removesuffix(".py")  # a Hub id or a local metric script
+                out[f"{short}_{key}" if key != short else key] = float(value)
     return out

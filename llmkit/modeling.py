@@ -25,64 +25,106 @@ def _auto_class(task: Task) -> Any:
     return getattr(transformers, task.auto_model)
 
 
-def build_config(recipe: Recipe, task: Task, tokenizer: Any, extra: dict) -> Any:
-    """The model config: from model.config (checked key by key) or the pretrained checkpoint's."""
+def _pretrained_config(m: Any) -> Any:
+    """AutoConfig of model.name_or_path (a Hub id or a folder), with one-line errors."""
     from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise RecipeError(
+            f"cannot load model {m.name_or_path!r}: {first_line(e)}{offline_hint()}; "
+            "set model.name_or_path=PATH to a local model folder"
+        ) from None
+
+
+def _check_config_keys(keys: Any, config: Any) -> None:
+    """Every model.config key is a field of `config` (a misspelt key would change nothing, silently)."""
+    known = set(config.to_dict()) | set(getattr(config, "attribute_map", {}))
+    for key in keys:
+        if key not in known:
+            raise RecipeError(
+                f"unknown key {show(f'model.config.{key}')}{suggest(str(key), known)} "
+                f"(not a {type(config).__name__} field)"
+            )
+
+
+def _model_type(m: Any) -> str:
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+    if not m.config:
+        raise RecipeError("model: set model.name_or_path (a checkpoint) or model.config (to train from scratch)")
+    model_type = m.config.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        hint = suggest(str(model_type), list(CONFIG_MAPPING.keys())) if model_type else ""
+        raise RecipeError(
+            f"model.config.model_type: unknown model type {model_type!r}{hint} "
+            "(any AutoConfig model_type: bert, roberta, gpt2, llama, t5, ...)"
+        )
+    return model_type
+
+
+def check_model_config(m: Any) -> None:
+    """Check model.config against the model's config class before any data is read.
+
+    From scratch: the model_type and every key. On a pretrained model: every key against the
+    checkpoint's config, when it can be read now (a Hub model offline is reported when it is built).
+    """
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if m.encoder:
+        return
+    if not m.name_or_path:
+        model_type = _model_type(m)
+        _check_config_keys([k for k in m.config if k != "model_type"], CONFIG_MAPPING[model_type]())
+    elif m.config:
+        try:
+            config = _pretrained_config(m)
+        except RecipeError:
+            return
+        _check_config_keys(m.config, config)
+
+
+def build_config(recipe: Recipe, task: Task, tokenizer: Any, extra: dict) -> Any:
+    """The model config: the pretrained checkpoint's (model.config keys set on it) or built from model.config."""
     m = recipe.model
     if m.name_or_path:
-        try:
-            config = AutoConfig.from_pretrained(
-                m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code
-            )
-        except (OSError, ValueError) as e:
-            first = first_line(e)
-            raise RecipeError(
-                f"cannot load model {m.name_or_path!r}: {first}{offline_hint()}; "
-                "set model.name_or_path=PATH to a local model folder"
-            ) from None
+        config = _pretrained_config(m)
+        _check_config_keys(m.config or {}, config)
         for key, value in (m.config or {}).items():
             setattr(config, key, value)
     else:
-        if not m.config:
-            raise RecipeError("model: set model.name_or_path (a checkpoint) or model.config (to train from scratch)")
-        cfg = dict(m.config)
-        model_type = cfg.pop("model_type", None)
-        if model_type not in CONFIG_MAPPING:
-            hint = suggest(str(model_type), list(CONFIG_MAPPING.keys())) if model_type else ""
-            raise RecipeError(
-                f"model.config.model_type: unknown model type {model_type!r}{hint} "
-                "(any AutoConfig model_type: bert, roberta, gpt2, llama, t5, ...)"
-            )
-        default = CONFIG_MAPPING[model_type]()
-        known = set(default.to_dict()) | set(getattr(default, "attribute_map", {}))
-        for key in cfg:
-            if key not in known:
-                raise RecipeError(
-                    f"unknown key {show(f'model.config.{key}')}{suggest(str(key), known)} "
-                    f"(not a {type(default).__name__} field)"
-                )
-        try:
-            config = AutoConfig.for_model(model_type, **cfg)
-        except (ValueError, TypeError) as e:
-            raise RecipeError(f"model.config: {first_line(e)}") from None
-        # The vocabulary and special ids come from the tokenizer; positions must cover a block.
-        config.vocab_size = len(tokenizer)
-        for role in ("pad", "bos", "eos", "sep", "cls"):
-            tid = getattr(tokenizer, f"{role}_token_id", None)
-            if tid is not None and hasattr(config, f"{role}_token_id"):
-                setattr(config, f"{role}_token_id", tid)
-        if tokenizer.pad_token_id is not None:
-            config.pad_token_id = tokenizer.pad_token_id
-        if task.seq2seq and getattr(config, "decoder_start_token_id", None) is None:
-            # T5-style: the decoder starts from the pad token.
-            config.decoder_start_token_id = tokenizer.pad_token_id
-        for attr in ("max_position_embeddings", "n_positions"):
-            if hasattr(config, attr) and attr not in cfg and getattr(config, attr) < recipe.data.max_length:
-                setattr(config, attr, recipe.data.max_length)
+        check_model_config(m)
+        config = _config_from_scratch(recipe, task, tokenizer)
     for key, value in extra.items():
         setattr(config, key, value)
+    return config
+
+
+def _config_from_scratch(recipe: Recipe, task: Task, tokenizer: Any) -> Any:
+    """AutoConfig.for_model(**model.config), its vocabulary and special ids from the tokenizer."""
+    from transformers import AutoConfig
+
+    cfg = dict(recipe.model.config)
+    model_type = cfg.pop("model_type")
+    try:
+        config = AutoConfig.for_model(model_type, **cfg)
+    except (ValueError, TypeError) as e:
+        raise RecipeError(f"model.config: {first_line(e)}") from None
+    # The vocabulary and special ids come from the tokenizer; positions must cover a block.
+    config.vocab_size = len(tokenizer)
+    for role in ("pad", "bos", "eos", "sep", "cls"):
+        tid = getattr(tokenizer, f"{role}_token_id", None)
+        if tid is not None and hasattr(config, f"{role}_token_id"):
+            setattr(config, f"{role}_token_id", tid)
+    if tokenizer.pad_token_id is not None:
+        config.pad_token_id = tokenizer.pad_token_id
+    if task.seq2seq and getattr(config, "decoder_start_token_id", None) is None:
+        # T5-style: the decoder starts from the pad token.
+        config.decoder_start_token_id = tokenizer.pad_token_id
+    for attr in ("max_position_embeddings", "n_positions"):
+        if hasattr(config, attr) and attr not in cfg and getattr(config, attr) < recipe.data.max_length:
+            setattr(config, attr, recipe.data.max_length)
     return config
 
 

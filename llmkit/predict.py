@@ -9,6 +9,7 @@ from llmkit import modeling
 from llmkit.errors import LlmkitError
 from llmkit.recipe import Recipe
 from llmkit.tasks import get_task
+from llmkit.tasks.base import INPUT_KINDS, Task
 from llmkit.tokenizer import get_tokenizer
 
 
@@ -76,6 +77,22 @@ def _previous_predictions(output: Path, inputs: Path, overwrite: bool) -> set[st
     return set(row)
 
 
+def _name_inputs(task: Task, recipe: Recipe, rows: list[dict], input_path: Path) -> None:
+    """Give every row the columns the model reads, under the recipe's names.
+
+    Each input is found under the recipe's column, else the role's own name (`document` where the recipe
+    reads `article`), else, for the first input, `text` (what a .txt file gives).
+    """
+    for role, column in task.columns(recipe, INPUT_KINDS).items():
+        accepted = list(dict.fromkeys([column, role, *(["text"] if role == task.input_role else [])]))
+        for i, row in enumerate(rows, 1):
+            found = next((name for name in accepted if name in row), None)
+            if found is None:
+                wanted = " or ".join(map(repr, accepted))
+                raise LlmkitError(f"{input_path}, row {i}: needs a {wanted} column (found: {', '.join(row) or 'none'})")
+            row[column] = row[found]
+
+
 def predict(recipe: Recipe, input_path: Path, output_path: Path, overwrite: bool = False) -> int:
     """Run the recipe's model on a file of inputs and write one JSON line per input. Returns the row count."""
     task = get_task(recipe.task)
@@ -84,14 +101,7 @@ def predict(recipe: Recipe, input_path: Path, output_path: Path, overwrite: bool
     output_path = Path(output_path)
     previous = _previous_predictions(output_path, Path(input_path), overwrite)
     rows = read_inputs(input_path)
-    column = task.column(recipe, task.input_role)
-    for i, row in enumerate(rows):
-        if column not in row:
-            if "text" not in row:
-                raise LlmkitError(
-                    f"{input_path}, row {i}: needs a {column!r} (or 'text') column (found: {', '.join(row) or 'none'})"
-                )
-            row[column] = row["text"]
+    _name_inputs(task, recipe, rows, input_path)
     tokenizer = get_tokenizer(recipe, task, None)
     model = modeling.build_model(recipe, task, tokenizer, modeling.head_kwargs(task, recipe))
     model.eval()

@@ -164,6 +164,8 @@ def _scan(recipe: Recipe, task: Task, data: Dataset, cols: dict[str, str]) -> tu
     if not task.tokens_per_sample:  # the fine-tuning tasks apply data.on_bad_rows; packing drops empty texts
         first = next(iter(problems.items()), None)
         facts.update(bad_rows=len(problems), first_bad_row=first and {"row": first[0], "problem": first[1][1]})
+    else:
+        facts["dropped_rows"] = len(problems)
     if tags:
         mismatches = sum(what == "mismatch" for what, _ in problems.values())
         facts.update(length_mismatches=mismatches, tag_scheme_violations=0, first_tag_scheme_violation=None)
@@ -211,7 +213,7 @@ def build_report(recipe: Recipe, task: Task, raw: DatasetDict, tokenizer: Any) -
         facts, keys = _scan(recipe, task, data, cols)
         facts = {"source": where, **facts, **_token_facts(recipe, task, data, cols, tokenizer)}
         if "tokens_per_document" in facts:
-            facts["documents"] = facts["rows"] - facts["empty_rows"]
+            facts["documents"] = facts["rows"] - facts["dropped_rows"]
             facts["tokens"] = round(facts["tokens_per_document"] * facts["documents"])
             facts["approx_blocks"] = facts["tokens"] // recipe.data.max_length
         if split == "train":
@@ -289,17 +291,27 @@ def preflight(recipe: Recipe, task: Task, raw: DatasetDict, tokenizer: Any) -> d
     """
     report = build_report(recipe, task, raw, tokenizer)
     enforce(recipe, task, raw, report)
+    if task.tokens_per_sample:  # a corpus: its empty lines are paragraph breaks, dropped (not data.on_bad_rows)
+        for facts in report["splits"].values():
+            if facts["dropped_rows"]:
+                log.info("%s: %d empty or non-text lines dropped", facts["source"], facts["dropped_rows"])
     return report
 
 
 # --------------------------------------------------------------------------- `llmkit check`
 
 
-def load_data(recipe: Recipe, task: Task) -> tuple[DatasetDict, Any]:
-    """The raw splits (labels resolved into options.labels) and the tokenizer, as every run and `check` get them."""
+def load_data(recipe: Recipe, task: Task, strict: bool = True) -> tuple[DatasetDict, Any]:
+    """The raw splits (labels resolved into options.labels) and the tokenizer, as every run and `check` get them.
+
+    A run is strict: a label of any split that training never saw is a DataError. `check` is not
+    (strict=False): the labels come from the training split, and the report counts the unseen ones.
+    """
+    from datasets import DatasetDict
+
     raw = data.load_splits(recipe, seed=recipe.args.seed if recipe.args is not None else 42)
     if task.labels is not None:
-        recipe.options.labels = task.labels(recipe, raw)
+        recipe.options.labels = task.labels(recipe, raw if strict else DatasetDict(train=raw["train"]))
     return raw, get_tokenizer(recipe, task, raw["train"])
 
 

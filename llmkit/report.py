@@ -130,15 +130,25 @@ def _datasets(data: Any) -> list[str]:
 
 
 def _how_to_load(recipe: Any, task: Any) -> str:
-    """The Python that loads the run's model: the model itself, or base + LoRA adapter."""
+    """The Python that loads the run's model: the model itself, or base + LoRA adapter (tested by running it)."""
     auto = task.auto_model
     if recipe.lora is None:
         load = f'from transformers import {auto}, AutoTokenizer\n\nmodel = {auto}.from_pretrained("RUN_DIR")\n'
-    else:
+    elif not recipe.model.name_or_path:  # built from a config: run_dir/base_model holds its weights
         load = (
             f"from peft import PeftModel\nfrom transformers import {auto}, AutoTokenizer\n\n"
             f"# base + adapter (or `llmkit export RUN_DIR OUT_DIR --merge` for one standalone model)\n"
-            f'base = {auto}.from_pretrained("{recipe.model.name_or_path or "RUN_DIR/base_model"}")\n'
+            f'base = {auto}.from_pretrained("RUN_DIR/base_model")\n'
+            f'model = PeftModel.from_pretrained(base, "RUN_DIR")\n'
+        )
+    else:  # a pretrained base: its weights with the run's config (labels: the new head's size)
+        revision = f", revision={recipe.model.revision!r}" if recipe.model.revision else ""
+        load = (
+            f"from peft import PeftModel\nfrom transformers import AutoConfig, {auto}, AutoTokenizer\n\n"
+            f"# base + adapter (or `llmkit export RUN_DIR OUT_DIR --merge` for one standalone model)\n"
+            f'config = AutoConfig.from_pretrained("RUN_DIR/base_model")\n'
+            f'base = {auto}.from_pretrained("{recipe.model.name_or_path}"{revision}, config=config, '
+            f"ignore_mismatched_sizes=True)\n"
             f'model = PeftModel.from_pretrained(base, "RUN_DIR")\n'
         )
     return load + 'tokenizer = AutoTokenizer.from_pretrained("RUN_DIR")'

@@ -202,15 +202,16 @@ def summarize(
     train_metrics: dict,
     eval_metrics: dict,
     wall: float,
+    tokens_per_sample: float | None = None,
 ) -> dict:
-    """The run's summary.json: what was trained, how fast, and every evaluation."""
+    """The run's summary.json: what was trained, how fast (samples/s, and tokens/s from the training data's
+    mean tokens per sample), and every metric of every evaluation."""
     args = trainer.args
     trainable, total = modeling.count_parameters(trainer.model)
     samples_s = train_metrics.get("train_samples_per_second")
     evals = [
         {
-            "step": h["step"],
-            "eval_loss": h["eval_loss"],
+            **{k: v for k, v in h.items() if k.startswith("eval_") or k in ("step", "epoch")},
             **({"eval_perplexity": perplexity(h["eval_loss"])} if task.perplexity else {}),
         }
         for h in trainer.state.log_history
@@ -229,7 +230,7 @@ def summarize(
         "wall_time_s": round(wall, 2),
         "train_runtime_s": train_metrics.get("train_runtime"),
         "train_samples_per_second": samples_s,
-        "train_tokens_per_second": samples_s * recipe.data.max_length if samples_s and task.tokens_per_sample else None,
+        "train_tokens_per_second": round(samples_s * tokens_per_sample, 1) if samples_s and tokens_per_sample else None,
         "train_loss": train_metrics.get("train_loss"),
         "final_metrics": eval_metrics,
         "evaluations": evals,

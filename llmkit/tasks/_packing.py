@@ -1,4 +1,4 @@
-"""Shared by the pretraining tasks: drop empty texts, tokenize and pack into fixed-length blocks."""
+"""Shared by the pretraining tasks: drop empty texts, tokenize and pack into fixed-length blocks; extra metrics."""
 
 from __future__ import annotations
 
@@ -58,3 +58,35 @@ def pack(recipe: Any, ds: Any, column: str, encode: Callable[[list[str]], dict[s
     from datasets import DatasetDict
 
     return DatasetDict(packed)
+
+
+def lm_metrics(shift: bool) -> Callable[..., tuple[Any, Any]]:
+    """The recipe's extra `metrics:` on a language model's token predictions, at the positions its loss uses
+    (the masked ones for MLM; every next token for CLM, `shift`). No extra metrics: nothing is computed."""
+
+    def metrics(recipe: Any, tokenizer: Any, eval_ds: Any) -> tuple[Any, Any]:
+        if not recipe.metrics:
+            return None, None
+        from llmkit.metrics import compute_extra, extra_metrics
+
+        extra = extra_metrics(recipe.metrics)
+
+        def reduce(logits: Any, labels: Any) -> Any:
+            predicted = (logits[0] if isinstance(logits, tuple) else logits).argmax(-1)
+            if predicted.shape == labels.shape:
+                return predicted
+            # The MLM head ran on the masked positions only (tasks/mlm.py): put them back in place.
+            full = labels.new_full(labels.shape, -100)
+            full[labels != -100] = predicted
+            return full
+
+        def compute(p: Any) -> dict:
+            preds, refs = p.predictions, p.label_ids
+            if shift:
+                preds, refs = preds[:, :-1], refs[:, 1:]
+            keep = refs != -100
+            return compute_extra(extra, preds[keep].tolist(), refs[keep].tolist())
+
+        return compute, reduce
+
+    return metrics

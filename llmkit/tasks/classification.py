@@ -101,12 +101,11 @@ def _metrics(recipe: Any, tokenizer: Any, eval_ds: Any) -> tuple[Any, Any]:
         preds, refs = p.predictions, p.label_ids
         refs = refs.astype("int64")
         scores = module.compute(predictions=preds.tolist(), references=refs.tolist())
-        if not multi:
-            scores.update(compute_extra(extra, preds.tolist(), refs.tolist()))
-            if getattr(recipe.args, "process_index", 0) == 0:
-                # Not a metric (trackers take scalars only): a file beside the run, for plots/confusion_matrix.png.
-                names = recipe.options.labels
-                save_confusion(recipe.output_dir, names, confusion_counts(preds.tolist(), refs.tolist(), len(names)))
+        scores.update(compute_extra(extra, preds.tolist(), refs.tolist()))  # multi-label: indicator rows
+        if not multi and getattr(recipe.args, "process_index", 0) == 0:
+            # Not a metric (trackers take scalars only): a file beside the run, for plots/confusion_matrix.png.
+            names = recipe.options.labels
+            save_confusion(recipe.output_dir, names, confusion_counts(preds.tolist(), refs.tolist(), len(names)))
         return scores
 
     return compute, reduce

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmkit.rows import TEXT
-from llmkit.tasks._packing import pack, text_corpus
+from llmkit.tasks._packing import lm_metrics, pack, text_corpus
 from llmkit.tasks.base import Role, Task
 
 
@@ -49,5 +49,6 @@ TASK = Task(
     preprocess=_preprocess,
     collator=lambda recipe, tokenizer, model: collate_blocks,
     corpus=lambda recipe, train: text_corpus(TASK.column(recipe, "text"))(recipe, train),
+    metrics=lm_metrics(shift=True),
     perplexity=True,
 )

@@ -7,7 +7,7 @@ from typing import Any
 
 from llmkit.errors import RecipeError
 from llmkit.rows import TEXT
-from llmkit.tasks._packing import pack, text_corpus
+from llmkit.tasks._packing import lm_metrics, pack, text_corpus
 from llmkit.tasks.base import Role, Task
 
 
@@ -165,6 +165,7 @@ TASK = Task(
     preprocess=_preprocess,
     collator=_collator,
     corpus=lambda recipe, train: text_corpus(TASK.column(recipe, "text"))(recipe, train),
+    metrics=lm_metrics(shift=False),
     validate=_validate,
     prepare_model=lambda recipe, model: _speed_up(recipe, model),
     perplexity=True,

@@ -3,7 +3,8 @@
 import pytest
 
 from llmkit.config import load_recipe
-from llmkit.data import load_splits, pydoc_corpus_file, read_conll, require_columns
+from llmkit.data import load_splits, pydoc_corpus_file, require_columns
+from llmkit.datafiles import read_conll
 from llmkit.errors import DataError
 
 

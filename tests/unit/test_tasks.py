@@ -5,7 +5,7 @@ import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Sequence, Value
 
 from llmkit.config import load_recipe, validate
-from llmkit.data import read_conll
+from llmkit.datafiles import read_conll
 from llmkit.errors import DataError
 from llmkit.metrics import classification_scores, load_metric, rouge_scores, seqeval_scores
 from llmkit.tasks import get_task
