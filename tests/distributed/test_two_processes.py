@@ -48,3 +48,21 @@ def test_torchrun_two_processes_matches_single_process_eval(tmp_path, monkeypatc
     assert single["eval_loss"] == pytest.approx(summary["final_metrics"]["eval_loss"], rel=0.05)
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     assert all(h["loss"] < 1.5 * single["eval_loss"] + 1 for h in history if "loss" in h)
+
+
+def test_accelerate_launch_with_the_shipped_cpu_config_runs_two_processes(tmp_path):
+    """`accelerate launch --config_file recipes/accelerate/cpu-2proc.yaml`, as the README says: world size 2."""
+    out = tmp_path / "acc"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "recipes/accelerate/cpu-2proc.yaml"]
+    launch += ["--main_process_port", port, "-m", "llmkit", "finetune", "recipes/tiny/classification.yaml"]
+    proc = subprocess.run(
+        [*launch, f"trainer.output_dir={out}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_batch_size"] == 2 * 16
+    assert proc.stdout.count("Done in") == 1  # only rank 0 reports

@@ -58,7 +58,11 @@ def test_classification_finetune_evaluate_predict(tmp_path):
 
     drawn = report([out, out], tmp_path / "compare")
     assert sorted(p.name for p in drawn) == ["accuracy.png", "learning_rate.png", "loss.png"]
-    assert all(p.stat().st_size > 5000 for p in drawn)
+    import matplotlib.image
+
+    loss = (matplotlib.image.imread(tmp_path / "compare" / "loss.png")[..., :3] * 255).round().astype(int)
+    colours = {tuple(p) for p in loss.reshape(-1, 3)}
+    assert {(31, 119, 180), (255, 127, 14)} <= colours  # the two overlaid runs, one colour each
     (out / "plots" / "confusion_matrix.png").unlink()
     assert "confusion_matrix.png" in [p.name for p in report([out])]  # `llmkit report RUN` redraws it
 
@@ -72,7 +76,16 @@ def test_classification_finetune_evaluate_predict(tmp_path):
     n = predicting.predict(rundir.recipe_for_evaluation(out, []), inputs, tmp_path / "preds.jsonl")
     preds = [json.loads(line) for line in (tmp_path / "preds.jsonl").read_text().splitlines()]
     assert n == 2 and [p["text"] for p in preds] == ["a wonderful film overall", "a dull script"]
-    assert all(p["label"] in ("negative", "positive") and 0.5 <= p["score"] <= 1 for p in preds)
+    # The label and score are the saved model's own argmax and softmax, as transformers computes them.
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    import torch
+
+    with torch.no_grad():
+        probs = model(**tokenizer([p["text"] for p in preds], padding=True, return_tensors="pt")).logits.softmax(-1)
+    for p, row in zip(preds, probs, strict=True):
+        assert p["label"] == model.config.id2label[int(row.argmax())]
+        assert p["score"] == pytest.approx(float(row.max()), abs=1e-4)
     with pytest.raises(LlmkitError, match="exists; pass --overwrite"):
         predicting.predict(rundir.recipe_for_evaluation(out, []), inputs, tmp_path / "preds.jsonl")
 
@@ -131,7 +144,15 @@ def test_summarization_finetune_evaluate_predict(tmp_path):
     inputs.write_text("Officials said that the new bridge opened on Monday. Residents welcomed the news.\n")
     predicting.predict(rundir.recipe_for_evaluation(out, []), inputs, tmp_path / "preds.jsonl")
     (pred,) = [json.loads(line) for line in (tmp_path / "preds.jsonl").read_text().splitlines()]
-    assert isinstance(pred["summary"], str)
+    # The summary is what the saved model generates with its saved generation settings.
+    import transformers
+
+    model = transformers.AutoModelForSeq2SeqLM.from_pretrained(out).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    enc = tokenizer([inputs.read_text().strip()], return_tensors="pt")
+    enc.pop("token_type_ids", None)
+    ids = model.generate(**enc, generation_config=model.generation_config)
+    assert pred["summary"] == tokenizer.batch_decode(ids, skip_special_tokens=True)[0].strip()
 
 
 def test_finetune_what_pretrain_made(tmp_path):

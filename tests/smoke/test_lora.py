@@ -119,7 +119,8 @@ def test_lora_for_other_tasks(tmp_path, name):
     assert rundir.foreign_entries(out) == []  # --overwrite recognises everything a LoRA run writes
     assert (out / "adapter_model.safetensors").exists()
     metrics = engine.evaluate(rundir.recipe_for_evaluation(out, []), "validation")
-    assert metrics["eval_loss"] == pytest.approx(summary["final_metrics"]["eval_loss"], rel=0.2)
+    # The reloaded base + adapter is the trained model: the same loss up to float summation order.
+    assert metrics["eval_loss"] == pytest.approx(summary["final_metrics"]["eval_loss"], rel=1e-5)
 
 
 def test_dry_run_counts_trainable_lora_parameters(tmp_path):

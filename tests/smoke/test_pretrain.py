@@ -128,5 +128,6 @@ def test_evaluate_a_finished_run(tmp_path):
     metrics = engine.evaluate(recipe, "validation")
     assert metrics["samples"] > 0 and math.isfinite(metrics["eval_perplexity"])
     assert (out / "eval_validation.json").exists()
-    # Same model, same data: the same loss up to masking randomness (MLM masks are random).
-    assert metrics["eval_loss"] == pytest.approx(trained["final_metrics"]["eval_loss"], rel=0.2)
+    # Same model, same data, the same evaluation masks (drawn once, seeded by position): the same loss, up to
+    # float summation order.
+    assert metrics["eval_loss"] == pytest.approx(trained["final_metrics"]["eval_loss"], rel=1e-5)

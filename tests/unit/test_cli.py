@@ -142,8 +142,24 @@ def test_interrupt_exits_130(monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(llmkit_engine, "train", interrupted)
-    result = runner.invoke(app, ["pretrain", str(RECIPES / "tiny/bert.yaml")])
+    result = runner.invoke(app, ["pretrain", str(RECIPES / "tiny/bert.yaml"), "trainer.output_dir=runs/never-made"])
+    assert result.exit_code == 130 and result.stderr.strip().splitlines() == ["interrupted"]
+    assert result.stdout == "" and not (ROOT / "runs/never-made").exists()  # no report, nothing written
+    # Interrupted with a checkpoint saved: the exact command to resume (without --overwrite).
+    from llmkit.errors import Interrupted
+
+    def stopped(recipe, **kwargs):
+        raise Interrupted("stopped at step 3; checkpoint saved in runs/x/checkpoint-3")
+
+    monkeypatch.setattr(llmkit_engine, "train", stopped)
+    argv = ["pretrain", str(RECIPES / "tiny/bert.yaml"), "--overwrite"]
+    monkeypatch.setattr(sys, "argv", ["llmkit", *argv])  # what the console script sees
+    result = runner.invoke(app, argv)
     assert result.exit_code == 130
+    assert result.stderr.strip() == (
+        "interrupted: stopped at step 3; checkpoint saved in runs/x/checkpoint-3. "
+        f"Resume with: llmkit pretrain {RECIPES / 'tiny/bert.yaml'} --resume"
+    )
 
 
 def test_recipe_show_merges_and_overrides():

@@ -98,11 +98,27 @@ def _fake_run(path, task="classification", evals=True):
     return path
 
 
+C0, C1 = (31, 119, 180), (255, 127, 14)  # matplotlib's first two line colours
+
+
+def _colours(png) -> set:
+    """The colours of a drawn PNG's pixels, and its size."""
+    import matplotlib.image
+
+    pixels = (matplotlib.image.imread(png)[..., :3] * 255).round().astype(int)
+    return {tuple(p) for p in pixels.reshape(-1, 3)}, pixels.shape[:2]
+
+
 def test_plots_loss_learning_rate_and_the_main_metric(tmp_path):
     run = _fake_run(tmp_path / "a")
     drawn = plot_runs([run], run / "plots", "eval_accuracy")
     assert [p.name for p in drawn] == ["loss.png", "learning_rate.png", "accuracy.png"]
-    assert all(p.read_bytes().startswith(b"\x89PNG") and p.stat().st_size > 5000 for p in drawn)
+    colours = {p.name: _colours(p) for p in drawn}
+    assert all(size == (440, 770) for _, size in colours.values())  # 7 x 4 inches at 110 dpi
+    # Loss: train and validation curves in two colours; one curve elsewhere.
+    assert {C0, C1} <= colours["loss.png"][0]
+    assert C0 in colours["learning_rate.png"][0] and C1 not in colours["learning_rate.png"][0]
+    assert C0 in colours["accuracy.png"][0]
     no_eval = _fake_run(tmp_path / "b", evals=False)
     assert [p.name for p in plot_runs([no_eval], tmp_path / "b-plots", "eval_accuracy")] == [
         "loss.png",
