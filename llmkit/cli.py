@@ -21,7 +21,7 @@ from llmkit.console import (
     stop_on_sigterm,
     usage_error_exit,
 )
-from llmkit.errors import LlmkitError
+from llmkit.errors import LlmkitError, Terminated
 
 # Plain (Click) help instead of Rich panels: importing rich and markdown-it was most of `llmkit --help`'s time.
 app = typer.Typer(
@@ -346,10 +346,13 @@ def main() -> None:
         code = app(standalone_mode=False)
     except Exception as e:  # noqa: BLE001 - Click's usage errors and Abort, whose classes Typer keeps private
         usage_error_exit(e)
-        if type(e).__name__ == "Abort":  # Ctrl-C or SIGTERM while the command line was being parsed
+        if type(e).__name__ == "Abort":  # Ctrl-C while the command line was being parsed
             typer.echo("interrupted", err=True)
             sys.exit(130)
         raise
+    except Terminated:  # SIGTERM while the command line was being parsed (inside a command: guarded)
+        typer.echo("interrupted (SIGTERM)", err=True)
+        sys.exit(130)
     finally:
         _leave_process_group()
     sys.exit(code if isinstance(code, int) else 0)

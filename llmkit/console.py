@@ -11,7 +11,7 @@ from typing import Any
 
 import typer
 
-from llmkit.errors import Interrupted, LlmkitError, first_line
+from llmkit.errors import Interrupted, LlmkitError, Terminated, first_line
 
 
 def basic_logging() -> None:
@@ -68,9 +68,8 @@ def guarded(debug: bool, fn: Callable[[], Any]) -> Any:
         words = [w for w in sys.argv[1:] if w not in ("--overwrite", "--resume")]
         typer.echo(f"interrupted: {e}. Resume with: llmkit {shlex.join(words)} --resume", err=True)
         raise typer.Exit(130) from None
-    except KeyboardInterrupt as e:
-        typer.echo(f"interrupted{' (SIGTERM)' if str(e) == 'SIGTERM' else ''}", err=True)
-        raise typer.Exit(130) from None
+    except (KeyboardInterrupt, Terminated) as e:
+        return _interrupted(e)
     except (typer.Exit, typer.Abort):
         raise
     except BrokenPipeError as e:
@@ -80,7 +79,27 @@ def guarded(debug: bool, fn: Callable[[], Any]) -> Any:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise typer.Exit(0) from None
     except Exception as e:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+        stop = _stop_request(e)
+        if stop is not None:  # a library turned the interrupt into its own error (transformers' lazy imports do)
+            return _interrupted(stop)
         return _fail(e, debug)
+
+
+def _stop_request(e: BaseException) -> BaseException | None:
+    """The KeyboardInterrupt or Terminated that caused `e`, if one did."""
+    seen: list[BaseException] = []
+    cur: BaseException | None = e
+    while cur is not None and cur not in seen:
+        if isinstance(cur, (KeyboardInterrupt, Terminated)):
+            return cur
+        seen.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def _interrupted(e: BaseException) -> Any:
+    typer.echo(f"interrupted{' (SIGTERM)' if isinstance(e, Terminated) else ''}", err=True)
+    raise typer.Exit(130) from None
 
 
 def usage_error_exit(e: Exception) -> None:
@@ -107,7 +126,7 @@ def stop_on_sigterm() -> None:
     import threading
 
     def terminate(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt("SIGTERM")
+        raise Terminated
 
     if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
         signal.signal(signal.SIGTERM, terminate)

@@ -24,6 +24,14 @@ class Interrupted(Exception):  # noqa: N818 - it is not an error: the user asked
     """Training stopped on SIGINT/SIGTERM after saving a checkpoint (exit code 130)."""
 
 
+class Terminated(BaseException):  # noqa: N818 - like KeyboardInterrupt, a request to stop, not an error
+    """SIGTERM outside training (exit code 130).
+
+    Not a KeyboardInterrupt: CPython marks a KeyboardInterrupt raised inside exec()'d code (dataclass
+    creation while a library imports) as unhandled even once caught, and the process then ends by SIGINT.
+    """
+
+
 def first_line(e: BaseException, default: str | None = None) -> str:
     """The first line of an exception's message (library errors can run to pages), or `default`
     (the exception's type name) when it has none; never fails on an empty message."""

@@ -230,3 +230,18 @@ def test_quiet_and_verbose(engine, monkeypatch):
     assert "disable_tqdm" not in recipe.trainer  # how it runs is not part of the experiment
     result = runner.invoke(app, ["-q", "-v", "pretrain", str(RECIPES / "tiny/bert.yaml")])
     assert result.exit_code == 2
+
+
+def test_an_interrupt_a_library_turned_into_its_own_error_still_exits_130(monkeypatch):
+    # transformers' lazy imports re-raise what interrupted an import as ModuleNotFoundError
+    from llmkit.errors import Terminated
+
+    def lazy_import(recipe, **kwargs):
+        try:
+            raise Terminated
+        except Terminated as e:
+            raise ModuleNotFoundError("Could not import module 'TrainingArguments'") from e
+
+    monkeypatch.setattr(llmkit_engine, "train", lazy_import)
+    result = runner.invoke(app, ["pretrain", str(RECIPES / "tiny/bert.yaml")])
+    assert result.exit_code == 130 and result.stderr.strip() == "interrupted (SIGTERM)"
