@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import shutil
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 from llmkit import modeling
 from llmkit.errors import LlmkitError
-from llmkit.rundir import check_replaceable, recipe_for_evaluation
+from llmkit.rundir import MODEL_FILES, check_replaceable, recipe_for_evaluation
 from llmkit.tasks import get_task
 from llmkit.tokenizer import get_tokenizer
 
@@ -37,26 +38,9 @@ def export(run_dir: Path, out_dir: Path, merge: bool = False, overwrite: bool = 
         shutil.copy2(run_dir / "recipe.yaml", tmp / "recipe.yaml")  # how it was trained; marks an llmkit export
         kind = "merged"
     else:
-        keep = {
-            "config.json",
-            "generation_config.json",
-            "model.safetensors",
-            "model.safetensors.index.json",
-            "adapter_config.json",
-            "adapter_model.safetensors",
-            "tokenizer.json",
-            "tokenizer_config.json",
-            "special_tokens_map.json",
-            "vocab.txt",
-            "merges.txt",
-            "vocab.json",
-            "spiece.model",
-            "recipe.yaml",
-            "README.md",
-        }
         tmp.mkdir(parents=True)
         for f in run_dir.iterdir():
-            if f.name in keep or f.name.startswith("model-") and f.suffix == ".safetensors":
+            if f.is_file() and any(fnmatchcase(f.name, p) for p in (*MODEL_FILES, "recipe.yaml", "README.md")):
                 shutil.copy2(f, tmp / f.name)
         if (run_dir / modeling.BASE_DIR).is_dir():
             shutil.copytree(run_dir / modeling.BASE_DIR, tmp / modeling.BASE_DIR)

@@ -108,6 +108,12 @@ def check_quantization(settings: dict) -> None:
     construct(BitsAndBytesConfig, settings, "model.quantization")
 
 
+def hub_kwargs(model: Any) -> dict:
+    """The kwargs every from_pretrained of the recipe's model, config, tokenizer, encoder/decoder or adapter
+    base takes: the pinned Hub commit (model.revision; ignored for local folders) and trust_remote_code."""
+    return {"revision": model.revision, "trust_remote_code": model.trust_remote_code}
+
+
 def global_batch_size(args: Any) -> int:
     """Samples per optimizer step over all processes."""
     return args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size

@@ -25,6 +25,7 @@ class StopOnSignal(TrainerCallback):
         self.stopped = False
         self.world_size = world_size
         self._previous: dict[int, Any] = {}
+        self._group: Any = None  # the process group of the stop flag (on_train_begin)
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
@@ -45,14 +46,27 @@ class StopOnSignal(TrainerCallback):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        """Under several processes: the group the stop flag travels in, made once by every rank together.
+
+        The flag is a CPU tensor, so it needs a CPU backend: the training group itself where that is gloo
+        (CPU runs), else a gloo group beside it (NCCL has no CPU backend). Reducing a CPU tensor never
+        waits for the GPU, so a step without a signal costs one small host-side all-reduce.
+        """
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            self._group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        return control
+
     def _any_rank_requested(self) -> bool:
         if self.world_size <= 1:
             return self.requested
         import torch
         import torch.distributed as dist
 
-        flag = torch.tensor([1.0 if self.requested else 0.0])
-        dist.all_reduce(flag)
+        flag = torch.tensor([1.0 if self.requested else 0.0])  # on the CPU, whatever device the model is on
+        dist.all_reduce(flag, group=self._group)
         return flag.item() > 0
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:

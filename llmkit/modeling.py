@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmkit.errors import RecipeError, first_line, offline_hint, show, suggest
+from llmkit.hf import hub_kwargs
 
 if TYPE_CHECKING:
     from llmkit.recipe import Recipe
@@ -30,7 +31,7 @@ def _pretrained_config(m: Any) -> Any:
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+        return AutoConfig.from_pretrained(m.name_or_path, **hub_kwargs(m))
     except (OSError, ValueError) as e:
         raise RecipeError(
             f"cannot load model {m.name_or_path!r}: {first_line(e)}{offline_hint()}; "
@@ -155,7 +156,7 @@ def _build_model(recipe: Recipe, task: Task, tokenizer: Any, extra: dict | None,
         if meta:
             with torch.device("meta"):
                 return auto.from_config(_adapter_base_config(Path(m.name_or_path)))
-        return load_adapter_run(Path(m.name_or_path), auto, tokenizer)
+        return load_adapter_run(Path(m.name_or_path), auto, tokenizer, m)
     config = build_config(recipe, task, tokenizer, extra or {})
     if meta:
         with torch.device("meta"):
@@ -171,8 +172,7 @@ def _build_model(recipe: Recipe, task: Task, tokenizer: Any, extra: dict | None,
             model = auto.from_pretrained(
                 m.name_or_path,
                 config=config,
-                revision=m.revision,
-                trust_remote_code=m.trust_remote_code,
+                **hub_kwargs(m),
                 ignore_mismatched_sizes="num_labels" in (extra or {}),
                 **quant,
                 **_attention(m),
@@ -237,14 +237,16 @@ def _encoder_decoder(recipe: Recipe, tokenizer: Any, meta: bool) -> Any:
 
     m = recipe.model
     decoder = m.decoder or m.encoder
+    hub = hub_kwargs(m)
     try:
         if meta:
             config = EncoderDecoderConfig.from_encoder_decoder_configs(
-                AutoConfig.from_pretrained(m.encoder), AutoConfig.from_pretrained(decoder)
+                AutoConfig.from_pretrained(m.encoder, **hub), AutoConfig.from_pretrained(decoder, **hub)
             )
             with torch.device("meta"):
                 return EncoderDecoderModel(config=config)
-        model = EncoderDecoderModel.from_encoder_decoder_pretrained(m.encoder, decoder)
+        parts = {f"{part}_{key}": value for part in ("encoder", "decoder") for key, value in hub.items()}
+        model = EncoderDecoderModel.from_encoder_decoder_pretrained(m.encoder, decoder, **parts)
     except (OSError, ValueError) as e:
         first = first_line(e)
         raise RecipeError(
@@ -313,8 +315,10 @@ def _adapter_base_config(run: Path) -> Any:
     return AutoConfig.from_pretrained(run / BASE_DIR)
 
 
-def load_adapter_run(run: Path, auto: Any, tokenizer: Any) -> Any:
-    """Base model + the LoRA adapter saved in a run folder, as a PeftModel (the base config carries the labels)."""
+def load_adapter_run(run: Path, auto: Any, tokenizer: Any, m: Any) -> Any:
+    """Base model + the LoRA adapter saved in a run folder, as a PeftModel (the base config carries the labels).
+
+    A base from the Hub is loaded at the recipe's model.revision, as the run trained it."""
     from peft import PeftModel
 
     base_dir = run / BASE_DIR
@@ -325,7 +329,7 @@ def load_adapter_run(run: Path, auto: Any, tokenizer: Any) -> Any:
     )
     config = _adapter_base_config(run)
     try:
-        model = auto.from_pretrained(base, config=config)
+        model = auto.from_pretrained(base, config=config, **hub_kwargs(m))
     except (OSError, ValueError) as e:
         first = first_line(e)
         raise RecipeError(

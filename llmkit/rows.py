@@ -39,7 +39,9 @@ def _words(column: str, value: Any) -> Problem | None:
 
 
 def _tags(column: str, value: Any, words: Any) -> Problem | None:
-    if value is not None and not isinstance(value, list):
+    if value is None:  # a JSON row without the key, or with null
+        return "empty", f"no {column} (one tag per word)"
+    if not isinstance(value, list):
         return "type", f"{column} must be a list (one per word), got {value!r:.40}"
     if isinstance(value, list) and isinstance(words, list) and len(words) != len(value):
         return "mismatch", f"{len(words)} tokens but {len(value)} tags"

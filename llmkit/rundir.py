@@ -35,9 +35,7 @@ def resolved_dict(recipe: Recipe) -> dict:
     return raw
 
 
-OWN_ENTRIES = (
-    "recipe.yaml",
-    "README.md",
+MODEL_FILES = (  # the model and its tokenizer, as save_pretrained writes them (what `llmkit export` copies)
     "*.safetensors",
     "model.safetensors.index.json",
     "config.json",
@@ -52,6 +50,11 @@ OWN_ENTRIES = (
     "vocab.txt",
     "merges.txt",
     "*.model",  # sentencepiece
+)
+OWN_ENTRIES = (
+    *MODEL_FILES,
+    "recipe.yaml",
+    "README.md",
     "summary.json",
     "preflight.json",
     "train_results.json",
@@ -141,6 +144,8 @@ def plan_output_dir(recipe: Recipe, overwrite: bool, resume: bool) -> tuple[Path
         resolved_dict(recipe)
     )
     ckpt = last_checkpoint(out)
+    if not same and ckpt is None:  # nothing to resume: only a fresh start can take this folder
+        raise LlmkitError(f"{out} holds an unfinished run of a different recipe with no checkpoint to resume; {fix}")
     if not same and not resume:
         raise LlmkitError(
             f"{out} holds an unfinished run of a different recipe; resume it with --resume "

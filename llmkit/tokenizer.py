@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from llmkit.errors import DataError, RecipeError, first_line, offline_hint
 from llmkit.files import cache_dir
+from llmkit.hf import hub_kwargs
 
 if TYPE_CHECKING:
     from llmkit.recipe import Recipe
@@ -34,9 +35,7 @@ def load_tokenizer(name_or_path: str, recipe: Recipe | None = None, key: str = "
     """AutoTokenizer.from_pretrained with one-line errors naming the recipe key to change."""
     from transformers import AutoTokenizer
 
-    kwargs = {}
-    if recipe is not None:
-        kwargs = {"revision": recipe.model.revision, "trust_remote_code": recipe.model.trust_remote_code}
+    kwargs = hub_kwargs(recipe.model) if recipe is not None else {}
     try:
         return AutoTokenizer.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as e:

@@ -245,3 +245,19 @@ def test_model_config_and_data_load_keys_fail_before_data_is_read(tmp_path, over
     missing = [f"data.validation={tmp_path}/missing.jsonl"]  # reading any data would fail differently
     with pytest.raises((RecipeError, DataError), match=message):
         _recipe("classification", tmp_path / "run", *missing, *overrides)
+
+
+def test_export_keeps_every_tokenizer_file_save_pretrained_writes(cls_run, tmp_path):
+    import shutil
+
+    from llmkit.export import export
+
+    out, _ = cls_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    (run / "chat_template.jinja").write_text("{{ messages }}")  # transformers 5 saves it beside the tokenizer
+    (run / "added_tokens.json").write_text("{}")
+    assert export(run, tmp_path / "exported") == "model"
+    exported = {p.name for p in (tmp_path / "exported").iterdir()}
+    assert {"chat_template.jinja", "added_tokens.json", "model.safetensors", "tokenizer.json"} <= exported
+    assert not {"summary.json", "trainer_state.json", "plots", "preflight.json"} & exported  # the model, not the run

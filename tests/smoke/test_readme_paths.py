@@ -42,8 +42,21 @@ def test_multi_label_training_threshold_and_predict(tmp_path):
     train = _jsonl(tmp_path / "train.jsonl", rows)
     common = [f"data.train={train}", "data.validation=null", "data.test=null", "data.columns.label=tags"]
     common += ["options.problem_type=multi_label_classification", "trainer.num_train_epochs=1"]
+    metric = tmp_path / "rows_seen.py"
+    metric.write_text(
+        "import datasets\nimport evaluate\n\n"
+        "class RowsSeen(evaluate.Metric):\n"
+        "    def _info(self):\n"
+        "        ints = datasets.Sequence(datasets.Value('int64'))\n"
+        "        return evaluate.MetricInfo(description='', citation='', inputs_description='',\n"
+        "            features=datasets.Features({'predictions': ints, 'references': ints}))\n"
+        "    def _compute(self, predictions, references):\n"
+        "        return {'rows': len(references)}\n"
+    )
+    common.append(f"metrics=[{metric}]")
     summary = engine.train(_recipe("classification", tmp_path / "run", *common, "data.validation_split=0.25"))
     assert {"eval_accuracy", "eval_f1_macro"} <= set(summary["final_metrics"])
+    assert summary["final_metrics"]["eval_rows_seen_rows"] == 6  # the recipe's extra metric, on indicator rows
     inputs = _jsonl(tmp_path / "in.jsonl", [{"text": "red and blue words"}])
     for threshold, expect_all in ((0.0, True), (1.0, False)):
         recipe = rundir.recipe_for_evaluation(tmp_path / "run", [f"options.threshold={threshold}"])
@@ -199,3 +212,41 @@ def test_resume_rules(tmp_path):
     (empty / "recipe.yaml").write_text((out / "recipe.yaml").read_text())
     with pytest.raises(LlmkitError, match="has no complete checkpoint yet; drop --resume"):
         engine.train(_recipe("gpt2", empty, "trainer.max_steps=6", "trainer.save_steps=2"), resume=True)
+
+
+def test_pretraining_drops_empty_lines_and_says_how_many(tmp_path, caplog):
+    corpus = tmp_path / "corpus.txt"
+    lines = [f"line {i} of a small corpus about the python language and its documentation" for i in range(60)]
+    corpus.write_text("\n".join(line if i % 3 else "   " for i, line in enumerate(lines)) + "\n")
+    with caplog.at_level("INFO", logger="llmkit"):
+        engine.train(
+            _recipe("bert", tmp_path / "run", "data.source=null", f"data.train={corpus}", "data.validation_split=0",
+                    "trainer.eval_strategy=no", "data.on_bad_rows=error"),
+            dry_run=True,
+        )  # fmt: skip
+    assert f"train split ({corpus}): 20 empty or non-text lines dropped" in caplog.messages
+
+
+def test_make_install_takes_the_torch_index_from_torch_index():
+    import subprocess
+
+    dry = ["make", "-n", "-B", "install", "BIN=/nonexistent"]
+    plain = subprocess.run(dry, cwd=ROOT, capture_output=True, text=True).stdout
+    cpu = subprocess.run(
+        [*dry, "TORCH_INDEX=https://download.pytorch.org/whl/cpu"], cwd=ROOT, capture_output=True, text=True
+    ).stdout
+    assert 'pip install --quiet "torch==2.13.0"' in plain and "--index-url" not in plain
+    assert 'install --quiet "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu' in cpu
+
+
+def test_a_different_recipe_without_a_checkpoint_says_what_works(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "recipe.yaml").write_text("task: clm\ntrainer: {output_dir: elsewhere, seed: 1}\n")
+    for resume in (False, True):  # no advice loop: the same answer with and without --resume
+        with pytest.raises(LlmkitError) as err:
+            engine.train(_recipe("gpt2", out), resume=resume)
+        assert str(err.value) == (
+            f"{out} holds an unfinished run of a different recipe with no checkpoint to resume; "
+            "pass --overwrite to replace it, or set trainer.output_dir=runs/NEW_NAME"
+        )

@@ -709,3 +709,22 @@ def test_a_column_role_with_a_line_break_is_shown_on_one_line():
     outcome = _outcome(yaml.safe_dump(_apply([("data.columns", {"bad\nrole": None})])))
     assert isinstance(outcome, LlmkitError) and "\n" not in str(outcome)
     assert str(outcome).startswith("'data.columns.bad\\nrole' must be a column name (a string), got None")
+
+
+@pytest.mark.usefixtures("at_root")
+@pytest.mark.parametrize("missing", ["{}", '{"ner_tags": null}'])
+def test_ner_rows_without_tags_are_bad_rows_under_every_policy(tmp_path, caplog, missing):
+    path = tmp_path / "ner.jsonl"
+    second = json.loads(missing) | {"tokens": ["Bob", "went"]}
+    path.write_text(
+        json.dumps({"tokens": ["Ann", "sang"], "ner_tags": ["B-PER", "O"]}) + "\n" + json.dumps(second) + "\n"
+        + json.dumps({"tokens": ["Eve", "ran"], "ner_tags": ["B-PER", "O"]}) + "\n"
+    )  # fmt: skip
+    only = [*_only_train(path), "trainer.eval_strategy=no", "data.validation_split=0"]
+    assert _fails("ner", tmp_path, *only).startswith(
+        f"train split ({path}), row 1: no ner_tags (one tag per word); fix the data, or set data.on_bad_rows=skip"
+    )
+    for policy in ("skip", "warn"):  # warn cannot keep a row without tags: it is dropped, with a warning
+        caplog.clear()
+        assert _dry("ner", tmp_path, *only, f"data.on_bad_rows={policy}")["train_samples"] == 2
+        assert any("1 bad rows dropped (first: row 1: no ner_tags" in m for m in caplog.messages)

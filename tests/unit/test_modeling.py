@@ -1,0 +1,79 @@
+"""Every load of a recipe's model pins the same Hub commit and remote-code choice (hf.hub_kwargs)."""
+
+import json
+
+import pytest
+from conftest import RECIPES
+
+from llmkit import modeling
+from llmkit.config import load_recipe
+from llmkit.tasks import get_task
+
+PINNED = {"revision": "0123abc", "trust_remote_code": True}
+
+
+class Loaded(Exception):
+    """Raised by the recording stand-ins: the load was reached with these kwargs."""
+
+
+@pytest.fixture
+def loads(monkeypatch):
+    import transformers
+
+    calls: list = []
+
+    def record(name):
+        def load(*args, **kwargs):
+            calls.append((name, args, kwargs))
+            raise Loaded
+
+        return classmethod(lambda cls, *a, **k: load(*a, **k))
+
+    for cls in ("AutoConfig", "AutoTokenizer", "AutoModelForSequenceClassification", "AutoModelForSeq2SeqLM"):
+        monkeypatch.setattr(getattr(transformers, cls), "from_pretrained", record(cls))
+    monkeypatch.setattr(
+        transformers.EncoderDecoderModel, "from_encoder_decoder_pretrained", record("from_encoder_decoder_pretrained")
+    )
+    return calls
+
+
+def _recipe(name, *overrides):
+    pins = ["model.revision=0123abc", "model.trust_remote_code=true"]
+    return load_recipe(RECIPES / "tiny" / f"{name}.yaml", ["trainer.output_dir=runs/x", *pins, *overrides])
+
+
+def test_pretrained_model_config_and_tokenizer(loads):
+    from llmkit.tokenizer import load_tokenizer
+
+    recipe = _recipe("classification", "model.name_or_path=org/model", "model.config=null", "tokenizer.train=null")
+    with pytest.raises(Loaded):
+        modeling.build_model(recipe, get_task("classification"), None, {})
+    with pytest.raises(Loaded):
+        load_tokenizer("org/model", recipe)
+    assert [(name, kwargs) for name, _, kwargs in loads] == [("AutoConfig", PINNED), ("AutoTokenizer", PINNED)]
+
+
+@pytest.mark.parametrize("meta", [False, True])
+def test_encoder_decoder_parts(loads, meta):
+    recipe = _recipe("summarization", "model.encoder=org/enc", "model.decoder=org/dec", "model.config=null")
+    with pytest.raises(Loaded):
+        modeling.build_model(recipe, get_task("summarization"), None, {}, meta=meta)
+    name, args, kwargs = loads[0]
+    if meta:
+        assert (name, args, kwargs) == ("AutoConfig", ("org/enc",), PINNED)
+    else:
+        assert name == "from_encoder_decoder_pretrained" and args == ("org/enc", "org/dec")
+        assert kwargs == {f"{part}_{k}": v for part in ("encoder", "decoder") for k, v in PINNED.items()}
+
+
+def test_the_base_of_a_lora_run(loads, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    (run / "base_model").mkdir(parents=True)
+    (run / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "org/base"}))
+    monkeypatch.setattr(modeling, "_adapter_base_config", lambda run: "the run's base config")
+    recipe = _recipe("classification", f"model.name_or_path={run}", "model.config=null")
+    with pytest.raises(Loaded):
+        modeling.build_model(recipe, get_task("classification"), None, {})
+    assert loads == [
+        ("AutoModelForSequenceClassification", ("org/base",), {"config": "the run's base config", **PINNED})
+    ]
