@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from llmkit.recipe import Recipe
 
 SPLITS = ("train", "validation", "test")
+ROW = "__row__"  # the column that keeps each row's number in its source file (removed before tokenizing)
 _SPLIT_ALIASES = {"valid": "validation", "dev": "validation", "val": "validation", "eval": "validation"}
 # --------------------------------------------------------------------------- built-in corpora
 
@@ -203,6 +204,9 @@ def load_splits(recipe: Recipe, seed: int = 42) -> DatasetDict:
     for split, data in ds.items():
         if len(data) == 0:
             raise DataError(f"the {split_origin(recipe, split)} is empty; point data.{split} at a file with rows")
+    # Every row keeps its number in its source (1-based data row; a CSV header is not a row), whatever
+    # carving, capping or shuffling follows: error messages name the row a user can find.
+    ds = DatasetDict({split: data.add_column(ROW, list(range(1, len(data) + 1))) for split, data in ds.items()})
     if "validation" not in ds and d.validation_split > 0 and len(ds["train"]) >= 2:
         parts = ds["train"].train_test_split(test_size=d.validation_split, seed=seed)
         ds["train"], ds["validation"] = parts["train"], parts["test"]
@@ -227,12 +231,23 @@ def load_splits(recipe: Recipe, seed: int = 42) -> DatasetDict:
     return ds
 
 
+def row_number(ds: Dataset, position: int) -> int:
+    """The source row number (1-based) of the row at `position` of a split (its position + 1 if it has none)."""
+    return ds[position][ROW] if ROW in ds.column_names else position + 1
+
+
+def row_numbers(ds: Dataset) -> list[int]:
+    """The source row numbers (1-based) of every row of a split, in order."""
+    return ds[ROW] if ROW in ds.column_names else list(range(1, len(ds) + 1))
+
+
 def require_columns(ds: Dataset, needed: dict[str, str], split: str) -> None:
     """Fail with the columns found when a role's column (data.columns.ROLE) is missing."""
+    shown = [c for c in ds.column_names if c != ROW]
     for role, column in needed.items():
         if column not in ds.column_names:
             raise DataError(
-                f"{split} split has no column {column!r} for {role} (columns found: {', '.join(ds.column_names)}); "
+                f"{split} split has no column {column!r} for {role} (columns found: {', '.join(shown)}); "
                 f"set data.columns.{role}=COLUMN"
             )
 

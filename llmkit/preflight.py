@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from llmkit import data, rows
-from llmkit.data import require_columns, split_origin
+from llmkit.data import require_columns, row_number, split_origin
 from llmkit.files import atomic_write
 from llmkit.tokenizer import get_tokenizer
 
@@ -163,7 +163,8 @@ def _scan(recipe: Recipe, task: Task, data: Dataset, cols: dict[str, str]) -> tu
     facts: dict[str, Any] = {"rows": len(data), "empty_rows": len(empty)}
     if not task.tokens_per_sample:  # the fine-tuning tasks apply data.on_bad_rows; packing drops empty texts
         first = next(iter(problems.items()), None)
-        facts.update(bad_rows=len(problems), first_bad_row=first and {"row": first[0], "problem": first[1][1]})
+        first_row = first and {"row": row_number(data, first[0]), "problem": first[1][1]}
+        facts.update(bad_rows=len(problems), first_bad_row=first_row)
     else:
         facts["dropped_rows"] = len(problems)
     if tags:
@@ -179,7 +180,8 @@ def _scan(recipe: Recipe, task: Task, data: Dataset, cols: dict[str, str]) -> tu
             facts["tag_scheme_violations"] += len(violating)
             if first_violation and facts["first_tag_scheme_violation"] is None:
                 row, token, tag, after = first_violation
-                facts["first_tag_scheme_violation"] = {"row": offset + row, "token": token, "tag": tag, "after": after}
+                where = {"row": row_number(data, offset + row), "token": token, "tag": tag, "after": after}
+                facts["first_tag_scheme_violation"] = where
         if label:
             column = table[label]
             counted = pc.value_counts(pc.list_flatten(column) if _is_list(column) else column)

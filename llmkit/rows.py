@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from llmkit.data import require_columns, split_origin
+from llmkit.data import require_columns, row_number, split_origin
 from llmkit.errors import DataError
 
 if TYPE_CHECKING:
@@ -94,7 +94,8 @@ def drop_bad_rows(
     if not bad:
         return ds
     policy = recipe.data.on_bad_rows
-    first_row, (_, first_why) = bad[0]
+    first_position, (_, first_why) = bad[0]
+    first_row = row_number(ds, first_position)
     where = split_origin(recipe, split)
     if policy == "error":
         more = f" ({len(bad)} bad rows in all)" if len(bad) > 1 else ""
@@ -106,7 +107,7 @@ def drop_bad_rows(
         log.warning("%s: %d bad rows kept (first: row %d: %s)", where, len(bad), first_row, first_why)
         return ds
     log.warning("%s: %d bad rows dropped (first: row %d: %s)", where, len(bad), first_row, first_why)
-    drop = {i for i, _ in bad}
+    drop = {i for i, _ in bad}  # positions
     return ds.select([i for i in range(len(ds)) if i not in drop])
 
 

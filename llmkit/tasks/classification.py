@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from llmkit.data import require_columns
+from llmkit.data import require_columns, row_numbers, split_origin
 from llmkit.errors import DataError, RecipeError
 from llmkit.rows import LABEL, PAIR, TEXT, tokenize_splits
 from llmkit.tasks._labels import feature_names, label_config, resolve_labels
@@ -40,16 +40,17 @@ def _labels(recipe: Any, ds: Any) -> list[str]:
     values = {}
     for split, data in ds.items():
         require_columns(data, {"text": text, **({"text_pair": pair} if pair else {}), "label": label}, split)
-        column = data[label]
+        column, rows = data[label], row_numbers(data)
         if _multi(recipe):
             bad = next((i for i, v in enumerate(column) if not isinstance(v, list)), None)
             if bad is not None:
                 raise DataError(
-                    f"{split} split, row {bad}: multi-label rows need a list of labels, got {column[bad]!r}"
+                    f"{split_origin(recipe, split)}, row {rows[bad]}: multi-label rows need a list of labels, "
+                    f"got {column[bad]!r:.60}"
                 )
-            values[split] = [(i, v) for i, vs in enumerate(column) for v in vs]
+            values[split] = [(n, v) for n, vs in zip(rows, column, strict=True) for v in vs]
         else:
-            values[split] = list(enumerate(column))
+            values[split] = list(zip(rows, column, strict=True))
     return resolve_labels(recipe, values, feature_names(ds["train"].features[label]))
 
 

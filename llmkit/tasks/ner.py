@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from llmkit.data import require_columns, split_origin
+from llmkit.data import require_columns, row_numbers, split_origin
 from llmkit.errors import DataError
 from llmkit.rows import TAGS, WORDS, tokenize_splits
 from llmkit.tasks._labels import feature_names, label_config, resolve_labels
@@ -34,14 +34,14 @@ def _labels(recipe: Any, ds: Any) -> list[str]:
     values = {}
     for split, data in ds.items():
         require_columns(data, {"tokens": tokens, "tags": tags}, split)
-        column = data[tags]
+        column, rows = data[tags], row_numbers(data)
         odd = next((i for i, row in enumerate(column) if row is not None and not isinstance(row, list)), None)
         if odd is not None:
             raise DataError(
-                f"{split_origin(recipe, split)}, row {odd}: tags must be a list (one per word), got {column[odd]!r:.40}; "
+                f"{split_origin(recipe, split)}, row {rows[odd]}: tags must be a list (one per word), got {column[odd]!r:.40}; "
                 'write JSON Lines like {"tokens": ["EU", "rejects"], "ner_tags": ["B-ORG", "O"]} or a .conll file'
             )
-        values[split] = [(i, t) for i, row in enumerate(column) for t in (row or [])]
+        values[split] = [(n, t) for n, row in zip(rows, column, strict=True) for t in (row or [])]
     names = feature_names(ds["train"].features[tags])
     has_ids = any(isinstance(v, int) for pairs in values.values() for _, v in pairs[:1])
     if names is None and has_ids and not recipe.options.labels:

@@ -44,7 +44,8 @@ def test_jsonl_and_csv_splits(write):
     assert ds["train"]["text"] == ["a b", "c d"] and ds["validation"]["text"] == ["e f"]
     csv = write("t.csv", "text,label\nhello,1\nworld,0\n")
     ds = load_splits(_recipe(write, f"{{train: {csv}, validation_split: 0}}"))
-    assert ds["train"].column_names == ["text", "label"] and "validation" not in ds
+    assert ds["train"].column_names == ["text", "label", "__row__"] and "validation" not in ds
+    assert ds["train"]["__row__"] == list(range(1, len(ds["train"]) + 1))  # each row keeps its source row number
 
 
 def test_missing_file_names_the_key(write, tmp_path):

@@ -585,17 +585,17 @@ def test_a_10000_token_row_is_truncated_for_fine_tuning(tmp_path, name):
 _MIXED = [
     (
         [1, "positive"],
-        "row 1: label 'positive' is a string but train split ({train}), row 0 has an integer (1); use one type",
+        "row 2: label 'positive' is a string but train split ({train}), row 1 has an integer (1); use one type",
     ),
-    ([1, 0.5], "row 0: label 1.0 is a number with a decimal point; labels must be strings or integer class ids"),
-    ([True, False], "row 0: label True is true/false; labels must be strings or integer class ids"),
-    ([1, None], "row 1: no label (an empty cell, a short CSV row or a null); label the row or remove it"),
+    ([1, 0.5], "row 1: label 1.0 is a number with a decimal point; labels must be strings or integer class ids"),
+    ([True, False], "row 1: label True is true/false; labels must be strings or integer class ids"),
+    ([1, None], "row 2: no label (an empty cell, a short CSV row or a null); label the row or remove it"),
     (
         [[1], [0]],
-        "row 0: label [1] is a list; labels must be strings or integer class ids; several labels per row need",
+        "row 1: label [1] is a list; labels must be strings or integer class ids; several labels per row need",
     ),
-    ([{"a": 1}, 0], "row 0: label {'a': 1} is a mapping"),
-    ([100_000_000, 0], "row 0: label 100000000 would make 100,000,001 classes, but only 2 distinct labels appear"),
+    ([{"a": 1}, 0], "row 1: label {'a': 1} is a mapping"),
+    ([100_000_000, 0], "row 1: label 100000000 would make 100,000,001 classes, but only 2 distinct labels appear"),
 ]
 
 
@@ -614,7 +614,7 @@ def test_a_string_label_in_validation_where_train_has_integers(tmp_path):
     train.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": 0}\n')
     val.write_text('{"text": "c", "label": "1"}\n')
     assert _fails("classification", tmp_path, f"data.train={train}", f"data.validation={val}", "data.test=null") == (
-        f"validation split ({val}), row 0: label '1' is a string but train split ({train}), row 0 has an integer (1); "
+        f"validation split ({val}), row 1: label '1' is a string but train split ({train}), row 1 has an integer (1); "
         "use one type for all labels: all strings or all integers"
     )
 
@@ -634,7 +634,7 @@ def test_ner_tags_that_are_not_lists(tmp_path):
     path = tmp_path / "ner.jsonl"
     path.write_text('{"tokens": "EU rejects", "ner_tags": "B-ORG O"}\n')
     assert _fails("ner", tmp_path, *_only_train(path), "trainer.eval_strategy=no").startswith(
-        f"train split ({path}), row 0: tags must be a list (one per word), got 'B-ORG O'; write JSON Lines like"
+        f"train split ({path}), row 1: tags must be a list (one per word), got 'B-ORG O'; write JSON Lines like"
     )
 
 
@@ -645,7 +645,7 @@ def test_a_text_that_is_not_a_string(tmp_path):
     message = _fails(
         "classification", tmp_path, *_only_train(path), "trainer.eval_strategy=no", "data.validation_split=0"
     )
-    assert message.startswith(f"train split ({path}), row 0: text is 5, not a string; fix the data")
+    assert message.startswith(f"train split ({path}), row 1: text is 5, not a string; fix the data")
     # Kept under on_bad_rows=warn (the user's choice), such a row tokenizes as an empty text instead of crashing.
     kept = _dry(
         "classification",
@@ -722,9 +722,21 @@ def test_ner_rows_without_tags_are_bad_rows_under_every_policy(tmp_path, caplog,
     )  # fmt: skip
     only = [*_only_train(path), "trainer.eval_strategy=no", "data.validation_split=0"]
     assert _fails("ner", tmp_path, *only).startswith(
-        f"train split ({path}), row 1: no ner_tags (one tag per word); fix the data, or set data.on_bad_rows=skip"
+        f"train split ({path}), row 2: no ner_tags (one tag per word); fix the data, or set data.on_bad_rows=skip"
     )
     for policy in ("skip", "warn"):  # warn cannot keep a row without tags: it is dropped, with a warning
         caplog.clear()
         assert _dry("ner", tmp_path, *only, f"data.on_bad_rows={policy}")["train_samples"] == 2
-        assert any("1 bad rows dropped (first: row 1: no ner_tags" in m for m in caplog.messages)
+        assert any("1 bad rows dropped (first: row 2: no ner_tags" in m for m in caplog.messages)
+
+
+@pytest.mark.usefixtures("at_root")
+@pytest.mark.parametrize("extra", [[], ["data.validation_split=0.3"], ["data.max_train_samples=45"]])
+def test_a_bad_row_is_named_by_its_row_in_the_source_file(tmp_path, extra):
+    """Carving a validation split (seeded shuffle) or capping must not change the row a message names."""
+    rows = [{"text": f"review number {i}", "label": "a" if i % 2 else "b"} for i in range(1, 51)]
+    rows[37]["text"] = "   "  # the 38th data row (line 38 of the file)
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    message = _fails("classification", tmp_path, *_only_train(path), "trainer.eval_strategy=no", *extra)
+    assert ", row 38: empty text;" in message and str(path) in message

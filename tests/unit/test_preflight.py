@@ -62,7 +62,7 @@ def test_counts_empty_rows_duplicates_and_unseen_labels(tokenizer, caplog):
     report = _report(recipe, raw, tokenizer)
     train, val = report["splits"]["train"], report["splits"]["validation"]
     assert (train["rows"], train["empty_rows"], train["bad_rows"]) == (4, 1, 1)
-    assert train["first_bad_row"] == {"row": 1, "problem": "empty text"}
+    assert train["first_bad_row"] == {"row": 2, "problem": "empty text"}
     assert train["label_counts"] == {"positive": 2, "negative": 2}
     assert (val["rows"], val["empty_rows"], val["bad_rows"]) == (3, 0, 0)
     assert val["duplicates_of_train"] == 2
@@ -108,7 +108,7 @@ def test_ner_tag_scheme_violations(tokenizer, caplog, classlabel):
         raw = _splits(train=rows)
     facts = _report(recipe, raw, tokenizer)["splits"]["train"]
     assert facts["tag_scheme_violations"] == 3
-    assert facts["first_tag_scheme_violation"] == {"row": 1, "token": 1, "tag": "I-LOC", "after": "O"}
+    assert facts["first_tag_scheme_violation"] == {"row": 2, "token": 1, "tag": "I-LOC", "after": "O"}
     assert facts["length_mismatches"] == 0 and facts["bad_rows"] == 0
     assert facts["label_counts"]["I-LOC"] == 4 and facts["label_counts"]["O"] == 2
     with caplog.at_level(logging.WARNING, logger="llmkit"):
@@ -128,12 +128,12 @@ def test_length_mismatch_is_a_one_line_data_error_under_on_bad_rows_error(tokeni
     )
     report = _report(recipe, raw, tokenizer)
     assert report["splits"]["train"]["length_mismatches"] == 2
-    assert report["splits"]["train"]["first_bad_row"] == {"row": 1, "problem": "2 tokens but 1 tags"}
+    assert report["splits"]["train"]["first_bad_row"] == {"row": 2, "problem": "2 tokens but 1 tags"}
     with pytest.raises(DataError) as e:
         preflight.preflight(recipe, get_task("ner"), raw, tokenizer)
     message = str(e.value)
     assert "\n" not in message
-    assert message.startswith("train split (train.jsonl), row 1: 2 tokens but 1 tags (2 bad rows in all)")
+    assert message.startswith("train split (train.jsonl), row 2: 2 tokens but 1 tags (2 bad rows in all)")
     assert "data.on_bad_rows=skip" in message
     # Under skip the same rows are reported, not raised on: the task's preprocess drops them.
     skip = _recipe("ner", "data.on_bad_rows=skip")
@@ -209,7 +209,7 @@ def test_format_report_is_a_table(tokenizer):
     assert lines[1].split() == ["train", "validation"]
     rows = {line[:32].strip(): line[32:].split() for line in lines[2:] if line[:32].strip()}
     assert rows["rows"] == ["2", "1"] and rows["empty rows"] == ["1", "0"] and rows["duplicates of train"] == ["-", "1"]
-    assert "first bad row in train: row 1: empty text" in text
+    assert "first bad row in train: row 2: empty text" in text
 
 
 runner = CliRunner()
@@ -247,7 +247,7 @@ def test_cli_check_exits_2_on_a_bad_row_after_saving_the_report(tmp_path, monkey
     result = runner.invoke(app, argv)
     assert result.exit_code == 2, result.output
     assert result.stderr.strip().splitlines()[-1] == (
-        f"error: train split ({train}), row 1: empty text; fix the data, or set data.on_bad_rows=skip to drop such rows"
+        f"error: train split ({train}), row 2: empty text; fix the data, or set data.on_bad_rows=skip to drop such rows"
     )
     assert json.loads(out.read_text())["splits"]["train"]["bad_rows"] == 1
     result = runner.invoke(app, [*argv, "data.on_bad_rows=skip"])

@@ -93,7 +93,7 @@ def test_ner_classlabel_ids_and_unknown_tags():
             "validation": Dataset.from_dict({"tokens": [["a"], ["b"]], "ner_tags": [["B-X"], ["B-Y"]]}),
         }
     )
-    with pytest.raises(DataError, match=r"validation split \(.*\), row 1: label 'B-Y' is not in the training data"):
+    with pytest.raises(DataError, match=r"validation split \(.*\), row 2: label 'B-Y' is not in the training data"):
         get_task("ner").labels(_recipe("ner"), bad)
 
 
@@ -101,7 +101,7 @@ def test_ner_length_mismatch_is_a_data_error(tokenizer):
     recipe = _recipe("ner")
     recipe.options.labels = ["O", "B-PER"]
     ds = DatasetDict({"train": Dataset.from_dict({"tokens": [["a", "b"], ["Peter"]], "ner_tags": [["O"], ["B-PER"]]})})
-    with pytest.raises(DataError, match=r"train split \(unused\), row 0: 2 tokens but 1 tags"):
+    with pytest.raises(DataError, match=r"train split \(unused\), row 1: 2 tokens but 1 tags"):
         get_task("ner").preprocess(recipe, ds, tokenizer)
     recipe.data.on_bad_rows = "skip"
     assert len(get_task("ner").preprocess(recipe, ds, tokenizer)["train"]) == 1
@@ -170,7 +170,7 @@ def test_classification_label_problems():
             "validation": Dataset.from_dict({"text": ["c"], "label": ["z"]}),
         }
     )
-    with pytest.raises(DataError, match=r"validation split \(.*\), row 0: label 'z' is not in the training data"):
+    with pytest.raises(DataError, match=r"validation split \(.*\), row 1: label 'z' is not in the training data"):
         task.labels(_recipe("classification"), mixed)
     unlabelled = DatasetDict(
         {
@@ -202,7 +202,7 @@ def test_summarization_multi_reference_and_bad_rows(tokenizer):
         }
     )
     task = get_task("summarization")
-    with pytest.raises(DataError, match="row 1: empty document"):
+    with pytest.raises(DataError, match="row 2: empty document"):
         task.preprocess(recipe, ds, tokenizer)
     recipe.data.on_bad_rows = "skip"
     out = task.preprocess(recipe, ds, tokenizer)["validation"]
