@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmkit.datafiles import check_file, conll_as_jsonl, format_of, read_error
+from llmkit.datafiles import check_file, conll_as_jsonl, delimiter_of, format_of, read_error
 from llmkit.errors import DataError, first_line, show, suggest
 from llmkit.files import atomic_write, cache_dir
 
@@ -95,8 +95,12 @@ def _load_files(files: dict[str, list[str]]) -> DatasetDict:
             # utf-8-sig: a BOM (Excel's "CSV UTF-8") is not part of the first column's name; for JSON it also
             # makes the loader decode strictly, so bytes that are not UTF-8 fail here and not in tokenization.
             kwargs["encoding"] = "utf-8-sig"
-        if fmt == "csv" and all(p.lower().endswith(".tsv") for p in paths):
-            kwargs["delimiter"] = "\t"
+        if fmt == "csv":
+            delimiters = {delimiter_of(p) for p in paths}
+            if len(delimiters) > 1:
+                shown = ", ".join(sorted(map(repr, delimiters)))
+                raise DataError(f"data.{split} files use different separators ({shown}); use one per split")
+            kwargs["delimiter"] = delimiters.pop()
         try:
             out[split] = load_dataset(fmt, data_files={split: paths}, split=split, **kwargs)
         except Exception as e:  # noqa: BLE001 - pyarrow/pandas parse errors come in many types

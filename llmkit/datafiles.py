@@ -125,7 +125,7 @@ def check_file(path: str, split: str, fmt: str) -> None:
     except UnicodeDecodeError as e:
         raise _not_utf8(where, e, e.start) from None
     if fmt == "csv":
-        _check_csv_rows(path, where, "\t" if path.lower().endswith(".tsv") else ",")
+        _check_csv_rows(path, where, delimiter_of(path))
     if fmt == "json" and not head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
         _check_json_null_lines(path, where)
 
@@ -159,6 +159,27 @@ def _check_json_null_lines(path: str, where: str) -> None:
             if not chunk:
                 return
             lines_before += block.count(b"\n")
+
+
+DELIMITERS = (",", ";", "\t", "|")
+
+
+def delimiter_of(path: str) -> str:
+    """The field separator of a .csv/.tsv file: the extension's (comma, tab) unless the first 50 lines say
+    otherwise. A separator counts when it splits the header into several fields and every line into as many
+    (label files saved with `;` by spreadsheets in many locales, or `|`)."""
+    import csv
+    import io
+
+    default = "\t" if path.lower().endswith(".tsv") else ","
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
+        sample = [line for _, line in zip(range(50), f, strict=False)]
+    text = "".join(sample[:-1] if len(sample) == 50 else sample)  # the 50th line may be cut by a quoted newline
+    for candidate in (default, *(d for d in DELIMITERS if d != default)):
+        rows = [row for row in csv.reader(io.StringIO(text), delimiter=candidate) if row]
+        if rows and len(rows[0]) > 1 and all(len(row) == len(rows[0]) for row in rows):
+            return candidate
+    return default
 
 
 def _check_csv_rows(path: str, where: str, delimiter: str) -> None:

@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 
 from llmkit import data, rows
 from llmkit.data import require_columns, row_number, split_origin
+from llmkit.datafiles import FORMATS, delimiter_of
 from llmkit.files import atomic_write
 from llmkit.tokenizer import get_tokenizer
 
@@ -213,7 +214,12 @@ def build_report(recipe: Recipe, task: Task, raw: DatasetDict, tokenizer: Any) -
         data, where = raw[split], split_origin(recipe, split)
         require_columns(data, cols, split)
         facts, keys = _scan(recipe, task, data, cols)
-        facts = {"source": where, **facts, **_token_facts(recipe, task, data, cols, tokenizer)}
+        facts = {
+            "source": where,
+            **_separator(recipe, split),
+            **facts,
+            **_token_facts(recipe, task, data, cols, tokenizer),
+        }
         if "tokens_per_document" in facts:
             facts["documents"] = facts["rows"] - facts["dropped_rows"]
             facts["tokens"] = round(facts["tokens_per_document"] * facts["documents"])
@@ -236,6 +242,12 @@ def build_report(recipe: Recipe, task: Task, raw: DatasetDict, tokenizer: Any) -
         report["splits"][split] = facts
         report["warnings"] += _shape_warnings(recipe, where, facts)
     return report
+
+
+def _separator(recipe: Recipe, split: str) -> dict:
+    """{"delimiter": ...} for a split read from .csv/.tsv files (the separator found in them), else {}."""
+    files = [f for f in recipe.data.files(split) if FORMATS.get(Path(f).suffix.lower()) == "csv"]
+    return {"delimiter": delimiter_of(files[0])} if files and Path(files[0]).is_file() else {}
 
 
 def _shape_warnings(recipe: Recipe, where: str, facts: dict) -> list[str]:
@@ -376,6 +388,8 @@ def format_report(report: dict) -> str:
             lines.append(f"  labels in {split}: {', '.join(top)}{more}")
         if f.get("unseen_labels"):
             lines.append(f"  labels in {split} never seen in train: {', '.join(f['unseen_labels'])}")
+        if f.get("delimiter"):
+            lines.append(f"  {split}: fields separated by {f['delimiter']!r}")
         if f.get("first_bad_row"):
             b = f["first_bad_row"]
             lines.append(f"  first bad row in {split}: row {b['row']}: {b['problem']}")

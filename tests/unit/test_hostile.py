@@ -740,3 +740,28 @@ def test_a_bad_row_is_named_by_its_row_in_the_source_file(tmp_path, extra):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     message = _fails("classification", tmp_path, *_only_train(path), "trainer.eval_strategy=no", *extra)
     assert ", row 38: empty text;" in message and str(path) in message
+
+
+@pytest.mark.usefixtures("at_root")
+@pytest.mark.parametrize(
+    ("suffix", "sep"), [(".csv", ";"), (".csv", "|"), (".tsv", "\t"), (".csv", "\t"), (".tsv", ",")]
+)
+def test_the_field_separator_is_found_and_named(tmp_path, suffix, sep):
+    from llmkit import preflight
+    from llmkit.tasks import get_task
+
+    path = tmp_path / f"labels{suffix}"
+    rows = [("a fine film, truly", "positive"), ("dull; long", "negative")] * 6
+    quote = (lambda t: f'"{t}"') if sep in ",;" else (lambda t: t)
+    path.write_text(f"text{sep}label\n" + "".join(f"{quote(t)}{sep}{label}\n" for t, label in rows))
+    recipe = _recipe(
+        "classification", tmp_path, *_only_train(path), "trainer.eval_strategy=no", "data.validation_split=0"
+    )
+    assert engine.train(recipe, dry_run=True)["train_samples"] == 12 and recipe.options.labels == [
+        "negative",
+        "positive",
+    ]
+    raw, tokenizer = preflight.load_data(recipe, get_task("classification"))
+    report = preflight.build_report(recipe, get_task("classification"), raw, tokenizer)
+    assert report["splits"]["train"]["delimiter"] == sep
+    assert f"train: fields separated by {sep!r}" in preflight.format_report(report)
