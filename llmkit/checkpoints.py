@@ -12,6 +12,7 @@ save.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import shutil
@@ -28,14 +29,74 @@ STAGING = ".partial"
 PREFIX = "checkpoint-"
 
 
-def last_checkpoint(out: Path) -> Path | None:
-    """The newest complete checkpoint folder (`checkpoint-N` holding trainer_state.json) in `out`."""
-    ckpts = []
-    for p in out.glob(PREFIX + "*"):
+MANIFEST = "manifest.json"  # in each checkpoint: every file's size and sha256, written last before the rename
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """The complete checkpoint folders (`checkpoint-N` holding trainer_state.json) in `out`, newest first."""
+    found = []
+    for p in Path(out).glob(PREFIX + "*"):
         suffix = p.name[len(PREFIX) :]
         if p.is_dir() and suffix.isdigit() and (p / "trainer_state.json").exists():
-            ckpts.append((int(suffix), p))
-    return max(ckpts)[1] if ckpts else None
+            found.append((int(suffix), p))
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def last_checkpoint(out: Path, verified: bool = False) -> Path | None:
+    """The newest complete checkpoint in `out`; with verified=True the newest whose files match its manifest
+    (a damaged one is skipped with a warning naming what was wrong)."""
+    for ckpt in checkpoints(out):
+        problem = damage(ckpt) if verified else None
+        if problem is None:
+            return ckpt
+        log.warning("%s is damaged (%s): skipped, resuming from an older checkpoint", ckpt, problem)
+    return None
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(folder: Path) -> None:
+    """Record every file of a checkpoint (size, sha256): the proof, checked at resume, that it is intact."""
+    entries = {
+        p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in _files(folder)
+    }
+    (folder / MANIFEST).write_text(json.dumps(entries, indent=1) + "\n", encoding="utf-8")
+
+
+def damage(folder: Path) -> str | None:
+    """What is wrong with a checkpoint against its manifest (a missing, truncated or changed file), or None.
+
+    A checkpoint without a manifest (written by an older llmkit) is taken as it is.
+    """
+    manifest = folder / MANIFEST
+    if not manifest.exists():
+        return None
+    try:
+        entries = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"unreadable {MANIFEST}"
+    for name, expected in entries.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != expected["size"]:
+            return f"{name} has {size:,} bytes, {expected['size']:,} when saved"
+        if _sha256(path) != expected["sha256"]:
+            return f"{name} changed since it was saved (sha256 differs)"
+    return None
 
 
 def save_failed(what: str, where: Path, err: Exception) -> LlmkitError:
@@ -130,6 +191,9 @@ class AtomicCheckpoints:
             if self.state.best_model_checkpoint == str(staged):
                 self.state.best_model_checkpoint = str(final)
                 self.state.save_to_json(str(staged / "trainer_state.json"))
+            if (run_dir / "recipe.yaml").exists():  # self-describing: `llmkit evaluate RUN/checkpoint-N` works
+                shutil.copy2(run_dir / "recipe.yaml", staged / "recipe.yaml")
+            write_manifest(staged)  # last: a checkpoint with a manifest was written whole
             if final.exists():  # the same step saved again: move the old copy aside, never lose both
                 os.replace(final, staging / f"{name}.old")
             os.replace(staged, final)

@@ -161,6 +161,8 @@ def check(
     """
 
     def go() -> None:
+        if recipe.is_dir():
+            return _check_run_folder(recipe)
         r = _load(recipe, overrides)
         setup_logging()
         from llmkit import preflight
@@ -178,6 +180,20 @@ def check(
         preflight.enforce(r, task, raw, report)
 
     guarded(debug, go)
+
+
+def _check_run_folder(folder: Path) -> None:
+    """`llmkit check RUN_DIR`: every checkpoint against its manifest; exit 2 when one is damaged."""
+    from llmkit.rundir import verify_run
+
+    found = verify_run(folder)
+    for name, problem in found:
+        typer.echo(f"  {name:<24} {'damaged: ' + problem if problem else 'intact'}")
+    damaged = [name for name, problem in found if problem]
+    if not found:
+        typer.echo(f"{folder} has no checkpoint")
+    if damaged:
+        raise LlmkitError(f"{folder}: damaged checkpoints: {', '.join(damaged)}; --resume skips them")
 
 
 @app.command(context_settings=_TRAIN_CTX)

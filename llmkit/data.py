@@ -146,7 +146,9 @@ def _builder_config_fields(path: str) -> set[str] | None:
         return None
     module = importlib.import_module(_PACKAGED_DATASETS_MODULES[path][0])
     config_class = getattr(
-        getattr(module, next(n for n in dir(module) if n.lower() == path.lower()), None), "BUILDER_CONFIG_CLASS", None
+        getattr(module, next((n for n in dir(module) if n.lower() == path.lower()), ""), None),
+        "BUILDER_CONFIG_CLASS",
+        None,
     )
     return {f.name for f in dataclasses.fields(config_class)} if config_class else set()
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from llmkit import modeling, preflight, rundir
 from llmkit.checkpoints import drop_pickled_args, last_checkpoint, saving, trainer_with_atomic_checkpoints
 from llmkit.config import resolve
-from llmkit.errors import Interrupted, LlmkitError, RecipeError
+from llmkit.errors import Interrupted, RecipeError
 from llmkit.files import write_json
 from llmkit.hf import global_batch_size
 from llmkit.memory import keep_freed_memory
@@ -41,12 +41,7 @@ def prepare_data(
     from datasets import DatasetDict
 
     with args.main_process_first(desc="loading and tokenizing data"):
-        raw, tokenizer = preflight.load_data(recipe, task)
-        if only is not None and only not in raw:
-            raise LlmkitError(
-                f"the data has no {only!r} split (splits: {', '.join(raw)}); "
-                f"name it with data.{only}=path/to/file or pick another --split"
-            )
+        raw, tokenizer = preflight.load_data(recipe, task, need=only)
         if report is not None:
             report.update(preflight.preflight(recipe, task, raw, tokenizer))
         todo = DatasetDict({only: raw[only]}) if only else raw
@@ -82,7 +77,7 @@ def estimate(recipe: Recipe, task: Task, tokenizer: Any, tokenized: Any) -> dict
     }
 
 
-def model_for_training(recipe: Recipe, task: Task, tokenizer: Any, wipe: bool) -> Any:
+def model_for_training(recipe: Recipe, task: Task, tokenizer: Any, wipe: bool) -> tuple[Any, tuple[int, int]]:
     """The model a run trains: built, the task's hooks installed, LoRA applied, CPU dropout made fast.
 
     Under --overwrite the old run is deleted here, once data and model are ready (a failing new run
@@ -107,7 +102,7 @@ def model_for_training(recipe: Recipe, task: Task, tokenizer: Any, wipe: bool) -
         f"{trainable:,}",
         100 * trainable / max(total, 1),
     )
-    return model
+    return model, (trainable, total)  # counted before the Trainer wraps or shards the model (FSDP, ZeRO-3)
 
 
 def build_trainer(
@@ -182,13 +177,13 @@ def train(
     _, tokenizer, tokenized = prepare_data(recipe, task, recipe.args, report=report)
     if dry_run:
         return estimate(recipe, task, tokenizer, tokenized)
-    model = model_for_training(recipe, task, tokenizer, wipe)
+    model, counts = model_for_training(recipe, task, tokenizer, wipe)
     trainer = build_trainer(recipe, task, model, tokenizer, tokenized["train"], tokenized.get("validation"), callbacks)
     _start_run_folder(trainer, recipe, report)
     train_metrics = _fit(trainer, ckpt)
     eval_metrics = _final_evaluation(trainer, task) if "validation" in tokenized else {}
-    wall = time.time() - started
-    return _finish(trainer, recipe, task, train_metrics, eval_metrics, wall, mean_tokens(tokenized["train"]))
+    facts = {"wall": time.time() - started, "tokens_per_sample": mean_tokens(tokenized["train"]), "parameters": counts}
+    return _finish(trainer, recipe, task, train_metrics, eval_metrics, facts)
 
 
 def mean_tokens(ds: Any) -> float | None:
@@ -242,9 +237,7 @@ def _final_evaluation(trainer: Any, task: Task) -> dict:
     return with_perplexity(metrics) if task.perplexity else metrics
 
 
-def _finish(
-    trainer: Any, recipe: Recipe, task: Task, train_metrics: dict, eval_metrics: dict, wall: float, tokens: float | None
-) -> dict:
+def _finish(trainer: Any, recipe: Recipe, task: Task, train_metrics: dict, eval_metrics: dict, facts: dict) -> dict:
     """The run's outputs (state, metrics, summary, plots, model card), summary.json last; returns the summary."""
     if not trainer.is_world_process_zero():
         return {}
@@ -255,7 +248,7 @@ def _finish(
     write_json(out / "train_results.json", train_metrics)
     if eval_metrics:
         write_json(out / "eval_validation.json", eval_metrics)
-    summary = rundir.summarize(recipe, task, trainer, train_metrics, eval_metrics, wall, tokens)
+    summary = rundir.summarize(recipe, task, trainer, train_metrics, eval_metrics, **facts)
     write_run_report(out, recipe, task, summary)
     write_json(out / rundir.FINISHED, summary)  # last: its presence marks the run finished
     return summary

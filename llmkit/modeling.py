@@ -309,10 +309,15 @@ def apply_lora(model: Any, recipe: Recipe, out: Path | None) -> Any:
         raise RecipeError(f"peft: {first}; name the layers to adapt with peft.target_modules=[...]") from None
 
 
+def base_dir(run: Path) -> Path:
+    """A LoRA run's base_model folder; a checkpoint inside the run uses its run's."""
+    return run / BASE_DIR if (run / BASE_DIR).is_dir() else run.parent / BASE_DIR
+
+
 def _adapter_base_config(run: Path) -> Any:
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(run / BASE_DIR)
+    return AutoConfig.from_pretrained(base_dir(run))
 
 
 def load_adapter_run(run: Path, auto: Any, tokenizer: Any, m: Any) -> Any:
@@ -321,10 +326,10 @@ def load_adapter_run(run: Path, auto: Any, tokenizer: Any, m: Any) -> Any:
     A base from the Hub is loaded at the recipe's model.revision, as the run trained it."""
     from peft import PeftModel
 
-    base_dir = run / BASE_DIR
+    folder = base_dir(run)
     base = (
-        str(base_dir)
-        if (base_dir / "model.safetensors").exists()
+        str(folder)
+        if (folder / "model.safetensors").exists()
         else json.loads((run / "adapter_config.json").read_text())["base_model_name_or_path"]
     )
     config = _adapter_base_config(run)

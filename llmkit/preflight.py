@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 from llmkit import data, rows
 from llmkit.data import require_columns, row_number, split_origin
 from llmkit.datafiles import FORMATS, delimiter_of
+from llmkit.errors import DataError
 from llmkit.files import atomic_write
 from llmkit.tokenizer import get_tokenizer
 
@@ -198,7 +199,7 @@ def _scan(recipe: Recipe, task: Task, data: Dataset, cols: dict[str, str]) -> tu
 def build_report(recipe: Recipe, task: Task, raw: DatasetDict, tokenizer: Any) -> dict:
     """The preflight report of `raw` (as load_splits returns it): a JSON-able dict, nothing raised or logged
     for problems in the rows (enforce() does that)."""
-    cols = task.columns(recipe)
+    cols = {r: c for r, c in task.columns(recipe).items() if task.roles[r].kind != rows.REFERENCES}  # optional
     report: dict[str, Any] = {
         "recipe": recipe.recipe_file,
         "task": task.name,
@@ -315,17 +316,24 @@ def preflight(recipe: Recipe, task: Task, raw: DatasetDict, tokenizer: Any) -> d
 # --------------------------------------------------------------------------- `llmkit check`
 
 
-def load_data(recipe: Recipe, task: Task, strict: bool = True) -> tuple[DatasetDict, Any]:
+def load_data(recipe: Recipe, task: Task, strict: bool = True, need: str | None = None) -> tuple[DatasetDict, Any]:
     """The raw splits (labels resolved into options.labels) and the tokenizer, as every run and `check` get them.
 
     A run is strict: a label of any split that training never saw is a DataError. `check` is not
     (strict=False): the labels come from the training split, and the report counts the unseen ones.
+    `need` names a split that must exist (`evaluate --split`), checked before any other work.
     """
     from datasets import DatasetDict
 
     raw = data.load_splits(recipe, seed=recipe.args.seed if recipe.args is not None else 42)
-    if task.labels is not None:
-        recipe.options.labels = task.labels(recipe, raw if strict else DatasetDict(train=raw["train"]))
+    if need is not None and need not in raw:
+        raise DataError(
+            f"the data has no {need!r} split (splits: {', '.join(raw)}); "
+            f"name it with data.{need}=path/to/file or pick another --split"
+        )
+    labels = task.labels(recipe, raw if strict else DatasetDict(train=raw["train"])) if task.labels else None
+    if labels is not None:
+        recipe.options.labels = labels
     return raw, get_tokenizer(recipe, task, raw["train"])
 
 

@@ -72,6 +72,7 @@ class Recipe:
     """A validated recipe. `raw` keeps the merged dict (what `recipe show` prints and runs save)."""
 
     task: str
+    description: str = ""  # what this run is for, in a line: the model card says it under its title
     model: ModelSection = field(default_factory=ModelSection)
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
     data: DataSection = field(default_factory=DataSection)

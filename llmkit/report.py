@@ -188,6 +188,7 @@ def model_card(recipe: Any, task: Any, summary: dict) -> str:
         "",
         f"# {Path(summary.get('output_dir', 'model')).name}",
         "",
+        *([recipe.description, ""] if recipe.description else []),
         f"{task.description.capitalize()}, trained with llmkit (`llmkit {task.stage} recipe.yaml`, the recipe below).",
         "",
         "## Results (validation)",

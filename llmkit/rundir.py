@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmkit import __version__, modeling
-from llmkit.checkpoints import last_checkpoint
+from llmkit.checkpoints import checkpoints, damage, last_checkpoint
 from llmkit.config import load_recipe, resolve, validate
 from llmkit.errors import LlmkitError
 from llmkit.hf import global_batch_size
@@ -35,6 +35,8 @@ def resolved_dict(recipe: Recipe) -> dict:
     return raw
 
 
+# What llmkit, the Trainer and the tokenizers write at the top of a run or export folder. `--overwrite`
+# replaces such a folder only when everything in it is one of these: it never deletes the user's files.
 MODEL_FILES = (  # the model and its tokenizer, as save_pretrained writes them (what `llmkit export` copies)
     "*.safetensors",
     "model.safetensors.index.json",
@@ -143,7 +145,7 @@ def plan_output_dir(recipe: Recipe, overwrite: bool, resume: bool) -> tuple[Path
     same = comparable(parse_yaml(saved.read_text(encoding="utf-8"), str(saved)) or {}) == comparable(
         resolved_dict(recipe)
     )
-    ckpt = last_checkpoint(out)
+    ckpt = last_checkpoint(out, verified=True)
     if not same and ckpt is None:  # nothing to resume: only a fresh start can take this folder
         raise LlmkitError(f"{out} holds an unfinished run of a different recipe with no checkpoint to resume; {fix}")
     if not same and not resume:
@@ -160,18 +162,28 @@ def plan_output_dir(recipe: Recipe, overwrite: bool, resume: bool) -> tuple[Path
     return ckpt, False
 
 
-# What llmkit, the Trainer and the tokenizers write at the top of a run or export folder. `--overwrite`
-# replaces such a folder only when everything in it is one of these: it never deletes the user's files.
 def chosen_checkpoint(path: Path) -> Path:
     """trainer.resume_from_checkpoint: a complete checkpoint folder, or a run folder (its newest one)."""
     if path.is_dir() and not (path / "trainer_state.json").exists():
-        path = last_checkpoint(path) or path
+        path = last_checkpoint(path, verified=True) or path
     if not (path / "trainer_state.json").is_file():
         raise LlmkitError(
             f"trainer.resume_from_checkpoint={path} is not a complete checkpoint (no trainer_state.json); "
             "name a checkpoint-N folder, or drop it and pass --resume for the newest one"
         )
+    problem = damage(path)
+    if problem is not None:
+        raise LlmkitError(f"trainer.resume_from_checkpoint={path} is damaged ({problem}); name an older checkpoint")
     return path
+
+
+def verify_run(folder: Path) -> list[tuple[str, str | None]]:
+    """`llmkit check RUN_DIR`: each checkpoint of a run folder, newest first, with what is wrong with it (or None)."""
+    if not (folder / "recipe.yaml").is_file():
+        raise LlmkitError(
+            f"{folder} has no recipe.yaml, so it is not an llmkit run; check takes a recipe or a run folder"
+        )
+    return [(ckpt.name, damage(ckpt)) for ckpt in checkpoints(folder)]
 
 
 def plan_run(recipe: Recipe, overwrite: bool, resume: bool) -> tuple[Path | None, bool]:
@@ -207,12 +219,13 @@ def summarize(
     train_metrics: dict,
     eval_metrics: dict,
     wall: float,
-    tokens_per_sample: float | None = None,
+    tokens_per_sample: float | None,
+    parameters: tuple[int, int],
 ) -> dict:
     """The run's summary.json: what was trained, how fast (samples/s, and tokens/s from the training data's
     mean tokens per sample), and every metric of every evaluation."""
     args = trainer.args
-    trainable, total = modeling.count_parameters(trainer.model)
+    trainable, total = parameters  # (trainable, total), counted before training wrapped the model
     samples_s = train_metrics.get("train_samples_per_second")
     evals = [
         {
@@ -261,7 +274,7 @@ def recipe_for_evaluation(target: Path, overrides: list[str]) -> Recipe:
             )
         raw = load_raw(saved)
         config_file = next(
-            (f for f in (target / "config.json", target / "base_model" / "config.json") if f.exists()), None
+            (f for f in (target / "config.json", modeling.base_dir(target) / "config.json") if f.exists()), None
         )
         config = json.loads(config_file.read_text()) if config_file else {}
         if "id2label" in config and get_task(raw.get("task")).labels is not None:

@@ -14,7 +14,7 @@ def text_corpus(column: str) -> Callable[..., Iterator[str]]:
 
     def corpus(recipe: Any, train: Any) -> Iterator[str]:
         for batch in train.iter(batch_size=1000):
-            yield from (t for t in batch[column] if t and t.strip())
+            yield from (t for t in batch[column] if isinstance(t, str) and t.strip())
 
     return corpus
 

@@ -184,7 +184,7 @@ def test_bad_data_fails_with_one_clear_line(tmp_path):
     with pytest.raises(LlmkitError, match=r"no column 'text' for text \(columns found: review, label\)"):
         _train("classification", tmp_path / "o", f"data.train={train}")
     with pytest.raises(
-        LlmkitError, match=r"validation split \(.*\), row 0: label 'neutral' is not in the training data"
+        LlmkitError, match=r"validation split \(.*\), row 1: label 'neutral' is not in the training data"
     ):
         val = tmp_path / "val.jsonl"
         val.write_text('{"text": "meh", "label": "neutral"}\n')

@@ -185,3 +185,46 @@ def test_resume_from_a_named_checkpoint_into_a_new_folder(tmp_path):
                 )
             )
         )
+
+
+def test_a_damaged_checkpoint_is_skipped_at_resume_and_named_by_check(tmp_path, caplog):
+    """Each checkpoint holds a manifest (sizes, sha256) and its recipe; resume verifies the newest and falls
+    back to an intact one; `llmkit check RUN_DIR` names the damaged one; a checkpoint can be evaluated."""
+    from typer.testing import CliRunner
+
+    from llmkit import rundir
+    from llmkit.checkpoints import MANIFEST, damage
+    from llmkit.cli import app
+
+    out = tmp_path / "run"
+
+    def recipe():
+        overrides = [
+            f"trainer.output_dir={out}",
+            "trainer.max_steps=6",
+            "trainer.save_steps=2",
+            "trainer.save_total_limit=5",
+        ]
+        return resolve(load_recipe(RECIPES / "tiny/gpt2.yaml", overrides))
+
+    engine.train(recipe())
+    ckpts = checkpoints.checkpoints(out)
+    assert [c.name for c in ckpts] == ["checkpoint-6", "checkpoint-4", "checkpoint-2"]
+    manifest = json.loads((ckpts[0] / MANIFEST).read_text())
+    assert {"model.safetensors", "optimizer.pt", "trainer_state.json", "recipe.yaml"} <= set(manifest)
+    assert all(damage(c) is None for c in ckpts)
+    # A killed run whose newest checkpoint was damaged afterwards (a disk, a copy cut short).
+    (out / "summary.json").unlink()
+    weights = ckpts[0] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    result = CliRunner().invoke(app, ["check", str(out)])
+    assert result.exit_code == 2 and "checkpoint-6             damaged: model.safetensors has " in result.output
+    assert "checkpoint-4             intact" in result.output
+    assert f"error: {out}: damaged checkpoints: checkpoint-6; --resume skips them" in result.output
+    with caplog.at_level("WARNING", logger="llmkit"):
+        summary = engine.train(recipe(), resume=True)
+    assert summary["steps"] == 6
+    assert any(f"{ckpts[0]} is damaged (model.safetensors has" in m for m in caplog.messages)
+    # A checkpoint is self-describing: evaluated on its own.
+    metrics = engine.evaluate(rundir.recipe_for_evaluation(out / "checkpoint-4", []), "validation")
+    assert metrics["samples"] > 0

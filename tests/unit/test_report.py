@@ -189,3 +189,10 @@ def test_end_of_run_table_shows_the_summary(capsys):
         "eval_f1_macro": "0.9050",
     }  # timings and the epoch stay in the JSON files
     assert lines[-1].startswith("Next: llmkit evaluate runs/sst2 --split test   |   llmkit predict runs/sst2")
+
+
+def test_the_recipes_description_is_the_model_cards_first_line():
+    recipe = load_recipe(RECIPES / "classification.yaml", ["description=Sentiment of film reviews, for the demo"])
+    card = model_card(recipe, get_task("classification"), SUMMARY)
+    assert "# sst2\n\nSentiment of film reviews, for the demo\n\n" in card
+    assert "description: Sentiment of film reviews, for the demo" in card.split("```yaml\n")[1]  # and in the recipe
