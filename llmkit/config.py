@@ -43,6 +43,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     raw = default_output_dir(apply_overrides(load_raw(path), overrides or []), path)
     recipe = validate(raw, str(path))
     check_output_dir(recipe)
+    hf.offline_unless_hub_resolves(recipe)  # before the Hub libraries read their offline switch at import
     return recipe
 
 

@@ -182,3 +182,55 @@ def warn_remote_code(model: Any) -> None:
         "keep it on only for a repository you trust (pin model.revision to the commit you reviewed)",
         " and ".join(repr(x) for x in (model.name_or_path, model.encoder, model.decoder) if x) or "the model",
     )
+
+
+# --------------------------------------------------------------------------- the Hub, reachable or not
+
+_LOCAL_BUILDERS = ("json", "csv", "text", "parquet", "arrow", "pandas", "sql", "xml", "webdataset", "imagefolder")
+RESOLVE_TIMEOUT = 3.0  # seconds to look the Hub's host name up before working offline
+
+
+def hub_names(recipe: Recipe) -> list[str]:
+    """The names in a recipe that only the Hugging Face Hub can resolve (not local folders or files)."""
+    m, load = recipe.model, recipe.data.load or {}
+    names = [m.name_or_path, m.encoder, m.decoder, recipe.tokenizer.name_or_path]
+    if load.get("path") not in _LOCAL_BUILDERS:
+        names.append(load.get("path"))
+    return [n for n in names if isinstance(n, str) and n.strip() and not Path(n).exists()]
+
+
+def hub_host_resolves(timeout: float = RESOLVE_TIMEOUT) -> bool:
+    """True when the Hub's host name (HF_ENDPOINT's, else huggingface.co) resolves within `timeout` seconds."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    answer: list[bool] = []
+
+    def look_up() -> None:
+        try:
+            socket.getaddrinfo(host, 443)
+            answer.append(True)
+        except (OSError, UnicodeError):
+            answer.append(False)
+
+    thread = threading.Thread(target=look_up, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answer and answer[0])
+
+
+def offline_unless_hub_resolves(recipe: Recipe) -> None:
+    """Without a network the Hub libraries retry each download for half a minute: when the recipe needs the
+    Hub and its host name does not resolve, work offline at once (models and datasets from the local cache,
+    and a one-line error in seconds for what is not there). Transient errors keep their retries."""
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+    if offline or not hub_names(recipe) or hub_host_resolves():
+        return
+    log.warning("the Hugging Face Hub does not resolve (no network?): working offline, from the local cache")
+    os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+    switches = [("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE")]
+    for module, name in [*switches, ("datasets.config", "HF_DATASETS_OFFLINE")]:
+        if module in sys.modules:  # read at import time: already imported by a Python caller
+            setattr(sys.modules[module], name, True)
