@@ -247,13 +247,14 @@ def row_numbers(ds: Dataset) -> list[int]:
     return ds[ROW] if ROW in ds.column_names else list(range(1, len(ds) + 1))
 
 
-def require_columns(ds: Dataset, needed: dict[str, str], split: str) -> None:
-    """Fail with the columns found when a role's column (data.columns.ROLE) is missing."""
+def require_columns(ds: Dataset, needed: dict[str, str], where: str) -> None:
+    """Fail with the columns found when a role's column (data.columns.ROLE) is missing from `where` (a split,
+    named with its files by split_origin)."""
     shown = [c for c in ds.column_names if c != ROW]
     for role, column in needed.items():
         if column not in ds.column_names:
             raise DataError(
-                f"{split} split has no column {column!r} for {role} (columns found: {', '.join(shown)}); "
+                f"{where} has no column {column!r} for {role} (columns found: {', '.join(shown)}); "
                 f"set data.columns.{role}=COLUMN"
             )
 

@@ -40,6 +40,11 @@ def _no_text(value: Any) -> bool:
     return not isinstance(value, str) or not value.strip()
 
 
+def _read_columns(recipe: Recipe, task: Task) -> dict[str, str]:
+    """Role -> column of what every split must have (a summarization split may lack its optional references)."""
+    return {r: c for r, c in task.columns(recipe).items() if task.roles[r].kind != rows.REFERENCES}
+
+
 def _of_kind(task: Task, cols: dict[str, str], *kinds: str) -> list[str]:
     """The columns (of `cols`, role -> column) whose roles are of these kinds, in role order."""
     return [column for role, column in cols.items() if task.roles[role].kind in kinds]
@@ -199,7 +204,7 @@ def _scan(recipe: Recipe, task: Task, data: Dataset, cols: dict[str, str]) -> tu
 def build_report(recipe: Recipe, task: Task, raw: DatasetDict, tokenizer: Any) -> dict:
     """The preflight report of `raw` (as load_splits returns it): a JSON-able dict, nothing raised or logged
     for problems in the rows (enforce() does that)."""
-    cols = {r: c for r, c in task.columns(recipe).items() if task.roles[r].kind != rows.REFERENCES}  # optional
+    cols = _read_columns(recipe, task)
     report: dict[str, Any] = {
         "recipe": recipe.recipe_file,
         "task": task.name,
@@ -213,7 +218,7 @@ def build_report(recipe: Recipe, task: Task, raw: DatasetDict, tokenizer: Any) -
     train_keys: set[int] = set()
     for split in sorted(raw, key=lambda s: s != "train"):  # train first: the other splits are compared to it
         data, where = raw[split], split_origin(recipe, split)
-        require_columns(data, cols, split)
+        require_columns(data, cols, where)
         facts, keys = _scan(recipe, task, data, cols)
         facts = {
             "source": where,
@@ -331,6 +336,8 @@ def load_data(recipe: Recipe, task: Task, strict: bool = True, need: str | None 
             f"the data has no {need!r} split (splits: {', '.join(raw)}); "
             f"name it with data.{need}=path/to/file or pick another --split"
         )
+    for split, part in raw.items():  # before anything reads a column (the tokenizer's training corpus does)
+        require_columns(part, _read_columns(recipe, task), split_origin(recipe, split))
     labels = task.labels(recipe, raw if strict else DatasetDict(train=raw["train"])) if task.labels else None
     if labels is not None:
         recipe.options.labels = labels

@@ -171,7 +171,7 @@ def tokenize_splits(
 
     out = {}
     for split, data in ds.items():
-        require_columns(data, {role: column for role, (_, column) in columns.items()}, split)
+        require_columns(data, {role: column for role, (_, column) in columns.items()}, split_origin(recipe, split))
         data = drop_bad_rows(recipe, data, split, list(columns.values()), can_keep=can_keep)
         out[split] = data.map(
             encode,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from llmkit.data import require_columns
+from llmkit.data import require_columns, split_origin
 from llmkit.errors import DataError
 
 
@@ -28,7 +28,7 @@ def pack(recipe: Any, ds: Any, column: str, encode: Callable[[list[str]], dict[s
     """
     block = recipe.data.max_length
     for split in ds:
-        require_columns(ds[split], {"text": column}, split)
+        require_columns(ds[split], {"text": column}, split_origin(recipe, split))
 
     def tokenize_and_pack(batch: dict[str, list]) -> dict[str, list]:
         texts = [t for t in batch[column] if isinstance(t, str) and t.strip()]

@@ -39,7 +39,9 @@ def _labels(recipe: Any, ds: Any) -> list[str]:
     text, pair, label = _cols(recipe)
     values = {}
     for split, data in ds.items():
-        require_columns(data, {"text": text, **({"text_pair": pair} if pair else {}), "label": label}, split)
+        require_columns(
+            data, {"text": text, **({"text_pair": pair} if pair else {}), "label": label}, split_origin(recipe, split)
+        )
         column, rows = data[label], row_numbers(data)
         if _multi(recipe):
             bad = next((i for i, v in enumerate(column) if not isinstance(v, list)), None)

@@ -33,7 +33,7 @@ def _labels(recipe: Any, ds: Any) -> list[str]:
     tokens, tags = _cols(recipe)
     values = {}
     for split, data in ds.items():
-        require_columns(data, {"tokens": tokens, "tags": tags}, split)
+        require_columns(data, {"tokens": tokens, "tags": tags}, split_origin(recipe, split))
         column, rows = data[tags], row_numbers(data)
         odd = next((i for i, row in enumerate(column) if row is not None and not isinstance(row, list)), None)
         if odd is not None:
@@ -178,7 +178,9 @@ TASK = Task(
     roles={"tokens": Role(WORDS, "tokens"), "tags": Role(TAGS, "ner_tags")},
     preprocess=_preprocess,
     collator=lambda recipe, tokenizer, model: __import__("transformers").DataCollatorForTokenClassification(tokenizer),
-    corpus=lambda recipe, train: (" ".join(ws) for ws in train[_cols(recipe)[0]] if ws),
+    corpus=lambda recipe, train: (
+        " ".join(map(str, ws)) for ws in train[_cols(recipe)[0]] if isinstance(ws, list) and ws
+    ),
     metrics=_metrics,
     labels=_labels,
     model_kwargs=lambda recipe: label_config(recipe.options.labels),
