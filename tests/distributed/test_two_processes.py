@@ -66,3 +66,63 @@ def test_accelerate_launch_with_the_shipped_cpu_config_runs_two_processes(tmp_pa
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_batch_size"] == 2 * 16
     assert proc.stdout.count("Done in") == 1  # only rank 0 reports
+
+
+# Every rank, at step LLMKIT_TEST_KILL_AT, SIGKILLs the torchrun launcher's process group and then itself:
+# what a scheduler does to a job (the launcher and every worker), with checkpoint-4 complete and step 6 not.
+KILL_ALL = """
+import os, signal, sys
+import llmkit.interrupt as it
+at = int(os.environ["LLMKIT_TEST_KILL_AT"])
+step_end = it.StopOnSignal.on_step_end
+def on_step_end(self, args, state, control, **kw):
+    if state.global_step == at:
+        try:
+            os.killpg(os.getpgid(os.getppid()), signal.SIGKILL)
+        finally:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return step_end(self, args, state, control, **kw)
+it.StopOnSignal.on_step_end = on_step_end
+from llmkit.cli import main
+sys.argv = ["llmkit", *sys.argv[1:]]
+main()
+"""
+
+
+def _torchrun(out, script_env=None, extra=()):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(script_env or {})}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+    program = ["--no-python", sys.executable, "-c", KILL_ALL] if script_env else ["-m", "llmkit"]
+    settings = ["pretrain", "recipes/tiny/gpt2.yaml", f"trainer.output_dir={out}", "trainer.max_steps=6"]
+    settings += ["trainer.save_steps=2", "trainer.save_total_limit=5", "trainer.logging_steps=1", *extra]
+    return subprocess.run(
+        launch + program + settings,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        start_new_session=True,
+    )
+
+
+def test_sigkill_of_a_two_process_run_then_resume_is_exact(tmp_path):
+    from safetensors.torch import load_file
+
+    whole = _torchrun(tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = _torchrun(tmp_path / "killed", {"LLMKIT_TEST_KILL_AT": "5"})
+    assert killed.returncode != 0 and not (tmp_path / "killed" / "summary.json").exists()
+    assert sorted(p.name for p in (tmp_path / "killed").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    resumed = _torchrun(tmp_path / "killed", extra=["--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "killed" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-6
+    state = json.loads((tmp_path / "killed" / "trainer_state.json").read_text())
+    whole_state = json.loads((tmp_path / "whole" / "trainer_state.json").read_text())
+    losses = {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h and h["step"] > 4}
+    assert losses == {h["step"]: h["loss"] for h in whole_state["log_history"] if "loss" in h and h["step"] > 4}
