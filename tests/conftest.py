@@ -1,5 +1,6 @@
 """Test setup: offline, and every cache in a temporary folder so runs never touch the user's."""
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -37,3 +38,15 @@ def write(tmp_path):
         return path
 
     return _write
+
+
+@contextlib.contextmanager
+def at_repo_root():
+    """Inside the block, the working folder is the repository root (the tiny recipes name their fixtures
+    relative to it); for module-scoped fixtures, which cannot use monkeypatch.chdir."""
+    here = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        yield
+    finally:
+        os.chdir(here)

@@ -4,7 +4,7 @@ import json
 import shutil
 
 import pytest
-from conftest import RECIPES, ROOT
+from conftest import RECIPES, ROOT, at_repo_root
 
 from llmkit import checkpoints, engine, rundir
 from llmkit import export as exporting
@@ -26,15 +26,9 @@ def _recipe(name, out, *overrides):
 
 @pytest.fixture(scope="module")
 def ner_lora(tmp_path_factory):
-    import os
-
     out = tmp_path_factory.mktemp("lora") / "ner-lora"
-    here = os.getcwd()
-    os.chdir(ROOT)
-    try:
+    with at_repo_root():
         summary = engine.train(_recipe("ner-lora.yaml", out, "trainer.save_strategy=steps", "trainer.save_steps=2"))
-    finally:
-        os.chdir(here)
     return out, summary
 
 

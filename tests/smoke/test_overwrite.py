@@ -4,7 +4,7 @@ or a predictions file. Anything else is one line on stderr, exit 2, and nothing 
 import json
 
 import pytest
-from conftest import RECIPES, ROOT
+from conftest import RECIPES, ROOT, at_repo_root
 from typer.testing import CliRunner
 
 from llmkit.cli import app
@@ -56,17 +56,11 @@ def test_training_overwrite_refuses_a_folder_llmkit_did_not_write(tmp_path, comm
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """One tiny classification run, finished, for the export and predict cases."""
-    import os
-
     out = tmp_path_factory.mktemp("run") / "cls"
-    cwd = os.getcwd()
-    os.chdir(ROOT)
-    try:
+    with at_repo_root():
         result = runner.invoke(
             app, ["finetune", str(RECIPES / "tiny/classification.yaml"), f"trainer.output_dir={out}"]
         )
-    finally:
-        os.chdir(cwd)
     assert result.exit_code == 0, result.output
     return out
 

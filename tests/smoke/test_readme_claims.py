@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import FIXTURES, RECIPES, ROOT
+from conftest import FIXTURES, RECIPES, ROOT, at_repo_root
 from typer.testing import CliRunner
 
 from llmkit import cli, engine, rundir
@@ -45,14 +45,10 @@ def _one_error_line(stderr: str) -> str:
 def cls_run(tmp_path_factory):
     """A finished tiny classification run (evaluating every epoch) for the command-line success paths."""
     out = tmp_path_factory.mktemp("claims") / "cls"
-    here = os.getcwd()
-    os.chdir(ROOT)
-    try:
+    with at_repo_root():
         summary = engine.train(
             _recipe("classification", out, "trainer.eval_strategy=epoch", "trainer.num_train_epochs=3")
         )
-    finally:
-        os.chdir(here)
     return out, summary
 
 
