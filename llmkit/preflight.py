@@ -202,8 +202,8 @@ def _scan(recipe: Recipe, task: Task, data: Dataset, cols: dict[str, str]) -> tu
 
 
 def build_report(recipe: Recipe, task: Task, raw: DatasetDict, tokenizer: Any) -> dict:
-    """The preflight report of `raw` (as load_splits returns it): a JSON-able dict, nothing raised or logged
-    for problems in the rows (enforce() does that)."""
+    """The preflight report of `raw` (as load_data returns it: every role column present): a JSON-able dict,
+    nothing raised or logged for problems in the rows (enforce() does that)."""
     cols = _read_columns(recipe, task)
     report: dict[str, Any] = {
         "recipe": recipe.recipe_file,
@@ -217,8 +217,7 @@ def build_report(recipe: Recipe, task: Task, raw: DatasetDict, tokenizer: Any) -
     warn = report["warnings"].append
     train_keys: set[int] = set()
     for split in sorted(raw, key=lambda s: s != "train"):  # train first: the other splits are compared to it
-        data, where = raw[split], split_origin(recipe, split)
-        require_columns(data, cols, where)
+        data, where = raw[split], split_origin(recipe, split)  # its columns were checked by load_data
         facts, keys = _scan(recipe, task, data, cols)
         facts = {
             "source": where,
