@@ -278,10 +278,13 @@ def report(
     """
 
     def go() -> None:
+        from llmkit.report import distill_notes
         from llmkit.report import report as draw
 
         for path in draw(runs, output):
             typer.echo(str(path))
+        for line in distill_notes(runs):
+            typer.echo(line)
 
     guarded(debug, go)
 

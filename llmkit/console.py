@@ -155,11 +155,20 @@ def _stdout_reader_gone() -> bool:
 def print_estimate(est: dict) -> None:
     typer.echo("\nEstimate:")
     for key, value in est.items():
-        if isinstance(value, float):
-            value = f"{value:.2f}"
-        elif isinstance(value, int) and not isinstance(value, bool):
-            value = f"{value:,}"
-        typer.echo(f"  {key:<22} {value}")
+        if isinstance(value, dict):  # a section (distill: the teacher, its size and cost)
+            typer.echo(f"  {key}:")
+            for sub, v in value.items():
+                typer.echo(f"    {sub:<20} {_number(v)}")
+        else:
+            typer.echo(f"  {key:<22} {_number(value)}")
+
+
+def _number(value: Any) -> Any:
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return value
 
 
 def print_metrics(metrics: dict) -> None:
@@ -187,9 +196,12 @@ def print_report(s: dict) -> None:
     for key, value in rows:
         typer.echo(f"  {key:<28} {value}")
     print_metrics(s["final_metrics"])
-    nxt = f"llmkit evaluate {out} --split test"
+    from llmkit.report import distill_lines
     from llmkit.tasks import get_task
 
+    for line in distill_lines(s, get_task(s["task"]).main_metric):
+        typer.echo(f"  {line[2:]}")
+    nxt = f"llmkit evaluate {out} --split test"
     if get_task(s["task"]).predict is not None:
         nxt += f"   |   llmkit predict {out} -i inputs.jsonl -o preds.jsonl"
     if s["trainable_parameters"] < s["parameters"]:

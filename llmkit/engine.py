@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmkit import modeling, preflight, rundir
+from llmkit import distill, modeling, preflight, rundir
 from llmkit.checkpoints import drop_pickled_args, last_checkpoint, saving, trainer_with_atomic_checkpoints
 from llmkit.config import resolve
 from llmkit.errors import Interrupted, RecipeError
@@ -49,10 +49,11 @@ def prepare_data(
     return raw, tokenizer, tokenized
 
 
-def estimate(recipe: Recipe, task: Task, tokenizer: Any, tokenized: Any) -> dict:
-    """What a run will do: parameters, tokens per step, steps and epochs (no weights are allocated)."""
+def estimate(recipe: Recipe, task: Task, tokenizer: Any, tokenized: Any, teacher: Any = None) -> dict:
+    """What a run will do: parameters, tokens per step, steps and epochs (no student weights are allocated
+    unless it is cut from its teacher); with a teacher, its size and cost."""
     args = recipe.args
-    model = modeling.build_model(recipe, task, tokenizer, task.model_kwargs(recipe), meta=True)
+    model = _student(recipe, task, tokenizer, teacher, meta=True)
     if recipe.lora is not None:
         model = modeling.apply_lora(model, recipe, None)
     trainable, total = modeling.count_parameters(model)
@@ -74,18 +75,38 @@ def estimate(recipe: Recipe, task: Task, tokenizer: Any, tokenized: Any) -> dict
         "steps": steps,
         "epochs": steps / steps_per_epoch,
         "bf16": bool(args.bf16),
+        **({"distill": distill.facts(recipe, teacher, model)} if teacher is not None else {}),
     }
 
 
-def model_for_training(recipe: Recipe, task: Task, tokenizer: Any, wipe: bool) -> tuple[Any, tuple[int, int]]:
-    """The model a run trains: built, the task's hooks installed, LoRA applied, CPU dropout made fast.
+def _student(recipe: Recipe, task: Task, tokenizer: Any, teacher: Any, meta: bool = False) -> Any:
+    """The model to train: cut from the teacher (model.from_teacher), else built from the recipe."""
+    if recipe.model.from_teacher is None:
+        model = modeling.build_model(recipe, task, tokenizer, task.model_kwargs(recipe), meta=meta)
+    else:
+        model = distill.cut_from_teacher(teacher, recipe.model.from_teacher.layers)
+        if task.seq2seq:
+            modeling.configure_generation(model, recipe, tokenizer)
+    if teacher is not None:
+        distill.check_pair(recipe, teacher, model, tokenizer)
+    return model
+
+
+def model_for_training(
+    recipe: Recipe, task: Task, tokenizer: Any, wipe: bool, teacher: Any = None
+) -> tuple[Any, tuple[int, int]]:
+    """The model a run trains: built (or cut from the teacher), the task's hooks installed, LoRA applied,
+    CPU dropout made fast. A teacher is made ready to run beside it (frozen, eval, the run's precision).
 
     Under --overwrite the old run is deleted here, once data and model are ready (a failing new run
     never costs the old one) and before LoRA saves the base model's config into the folder.
     """
     args = recipe.args
-    model = modeling.build_model(recipe, task, tokenizer, task.model_kwargs(recipe))
+    model = _student(recipe, task, tokenizer, teacher)
     task.prepare_model(recipe, model)
+    if teacher is not None:  # after the student was copied from it: the copy trains
+        distill.prepare_teacher(teacher, args)
+        task.prepare_model(recipe, teacher)
     if wipe:
         rundir.wipe(recipe.output_dir, args)
     if recipe.lora is not None:
@@ -106,14 +127,25 @@ def model_for_training(recipe: Recipe, task: Task, tokenizer: Any, wipe: bool) -
 
 
 def build_trainer(
-    recipe: Recipe, task: Task, model: Any, tokenizer: Any, train: Any, evaluation: Any, callbacks: list | None = None
+    recipe: Recipe,
+    task: Task,
+    model: Any,
+    tokenizer: Any,
+    train: Any,
+    evaluation: Any,
+    callbacks: list | None = None,
+    teacher: Any = None,
 ) -> Any:
-    """The Trainer (Seq2SeqTrainer for seq2seq tasks, with atomic checkpoints) for training or evaluation."""
+    """The Trainer (Seq2SeqTrainer for seq2seq tasks, with atomic checkpoints) for training or evaluation;
+    given a teacher, its training loss distils from it."""
 
     from llmkit.progress import show_progress
 
     compute_metrics, reduce_logits = task.metrics(recipe, tokenizer, evaluation)
-    trainer = trainer_class(task)(
+    cls = trainer_class(task)
+    if teacher is not None:
+        cls = distill.trainer_with_teacher(cls, teacher, recipe, task)
+    trainer = cls(
         model=model,
         args=recipe.args,
         data_collator=task.collator(recipe, tokenizer, model),
@@ -175,15 +207,34 @@ def train(
     set_seed(recipe.args.seed)
     report: dict = {}
     _, tokenizer, tokenized = prepare_data(recipe, task, recipe.args, report=report)
+    teacher = distill.load_teacher(recipe, task, tokenizer) if recipe.distill is not None else None
     if dry_run:
-        return estimate(recipe, task, tokenizer, tokenized)
-    model, counts = model_for_training(recipe, task, tokenizer, wipe)
-    trainer = build_trainer(recipe, task, model, tokenizer, tokenized["train"], tokenized.get("validation"), callbacks)
+        return estimate(recipe, task, tokenizer, tokenized, teacher)
+    model, counts = model_for_training(recipe, task, tokenizer, wipe, teacher)
+    evaluation = tokenized.get("validation")
+    trainer = build_trainer(recipe, task, model, tokenizer, tokenized["train"], evaluation, callbacks, teacher)
     _start_run_folder(trainer, recipe, report)
     train_metrics = _fit(trainer, ckpt)
-    eval_metrics = _final_evaluation(trainer, task) if "validation" in tokenized else {}
+    eval_metrics = _final_evaluation(trainer, task) if evaluation is not None else {}
     facts = {"wall": time.time() - started, "tokens_per_sample": mean_tokens(tokenized["train"]), "parameters": counts}
+    if teacher is not None:
+        facts["distill"] = _teacher_facts(recipe, task, tokenizer, teacher, trainer.model, evaluation)
     return _finish(trainer, recipe, task, train_metrics, eval_metrics, facts)
+
+
+def _teacher_facts(recipe: Recipe, task: Task, tokenizer: Any, teacher: Any, student: Any, evaluation: Any) -> dict:
+    """The distillation's settings and sizes, and the teacher's own metrics on the validation split (the same
+    Trainer evaluation as the student's: their throughputs compare)."""
+    import dataclasses
+    import tempfile
+
+    out = distill.facts(recipe, teacher, student)
+    if evaluation is not None:
+        with tempfile.TemporaryDirectory() as elsewhere:  # files the metrics save (a confusion matrix) are the student's
+            aside = dataclasses.replace(recipe, trainer={**recipe.trainer, "output_dir": elsewhere})
+            metrics = build_trainer(aside, task, teacher, tokenizer, None, evaluation).evaluate(metric_key_prefix="eval")
+        out["teacher_metrics"] = with_perplexity(metrics) if task.perplexity else metrics
+    return out
 
 
 def mean_tokens(ds: Any) -> float | None:

@@ -73,7 +73,7 @@ def check_model_config(m: Any) -> None:
     """
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    if m.encoder:
+    if m.encoder or m.from_teacher is not None:  # built from other models, checked when they are loaded
         return
     if not m.name_or_path:
         model_type = _model_type(m)
@@ -368,6 +368,8 @@ def describe_model(recipe: Recipe) -> str:
     m = recipe.model
     if m.name_or_path:
         return m.name_or_path
+    if m.from_teacher is not None:
+        return f"layers {m.from_teacher.layers} of {recipe.distill.teacher}"
     if m.encoder:
         return f"{m.encoder} -> {m.decoder or m.encoder}"
     return f"{(m.config or {}).get('model_type', '?')} (from config)"

@@ -28,6 +28,22 @@ class ModelSection:
     attn_implementation: str | None = None  # eager | sdpa | flash_attention_2 | ...; None: transformers' choice
     fast_dropout: bool = True  # CPU training: dropout masks from 16 random bits (llmkit/fastdropout.py); false: torch's
     quantization: dict | None = None  # transformers.BitsAndBytesConfig kwargs (QLoRA): needs CUDA + bitsandbytes
+    from_teacher: FromTeacherSection | None = None  # the student: the teacher's architecture with some of its layers
+
+
+@dataclass
+class FromTeacherSection:
+    layers: list[int] = field(default_factory=list)  # the teacher's layers the student keeps (weights copied), e.g. [0, 2, 4]
+
+
+@dataclass
+class DistillSection:
+    """Knowledge distillation: train against a teacher's outputs as well as the labels (llmkit/distill.py)."""
+
+    teacher: str | None = None  # a finished llmkit run folder (LoRA runs too), a checkpoint folder or a Hub id
+    temperature: float = 2.0  # softens both distributions; the soft loss is multiplied by its square
+    alpha: float = 0.5  # weight of the soft loss (KL to the teacher); the task's own loss keeps 1 - alpha
+    hidden_loss: float = 0.0  # weight of 1 - cosine between the last hidden states (needs equal widths); 0: off
 
 
 @dataclass
@@ -81,6 +97,7 @@ class Recipe:
     peft: dict | None = None  # -> peft.LoraConfig
     generation: dict | None = None  # -> transformers.GenerationConfig
     metrics: list[str] = field(default_factory=list)
+    distill: DistillSection | None = None
     raw: dict = field(default_factory=dict, repr=False)
     recipe_file: str = ""
     # Built by config.resolve(): the Hugging Face objects the sections above describe.
@@ -93,7 +110,7 @@ class Recipe:
 
 
 _INTERNAL = ("raw", "recipe_file", "args", "lora")
-_NESTED = {ModelSection, TokenizerSection, TokenizerTrainSection, DataSection}
+_NESTED = {ModelSection, TokenizerSection, TokenizerTrainSection, DataSection, FromTeacherSection, DistillSection}
 
 
 _PLURAL = {str: "strings", int: "integers", float: "numbers", bool: "true/false values"}
@@ -237,6 +254,36 @@ def _check_semantics(r: Recipe) -> None:
     for role, column in d.columns.items():
         if not isinstance(column, str):
             raise RecipeError(f"{show(f'data.columns.{role}')} must be a column name (a string), got {show(column)}")
+    _check_distill(r)
+
+
+def _check_distill(r: Recipe) -> None:
+    """distill: and model.from_teacher: their values, and what they rule out."""
+    d, cut = r.distill, r.model.from_teacher
+    if d is not None:
+        if not d.teacher or not d.teacher.strip():
+            raise RecipeError("distill.teacher: name the teacher (a finished run folder), e.g. distill.teacher=runs/teacher")
+        if d.temperature <= 0:
+            raise RecipeError(f"distill.temperature must be above 0 (2.0 is usual), got {d.temperature}")
+        if not 0 <= d.alpha <= 1:
+            raise RecipeError(f"distill.alpha must be in [0, 1] (the soft loss's weight), got {d.alpha}")
+        if d.hidden_loss < 0:
+            raise RecipeError(f"distill.hidden_loss must be 0 (off) or a positive weight, got {d.hidden_loss}")
+    if cut is None:
+        return
+    if d is None:
+        raise RecipeError("model.from_teacher cuts the student from its teacher: set distill.teacher=RUN_FOLDER too")
+    if not cut.layers or any(i < 0 for i in cut.layers) or len(set(cut.layers)) != len(cut.layers):
+        raise RecipeError(
+            f"model.from_teacher.layers must list distinct layer numbers from 0, e.g. [0, 2, 4]; got {cut.layers}"
+        )
+    clash = [f"model.{k}" for k in ("name_or_path", "config", "encoder") if getattr(r.model, k)]
+    clash += ["tokenizer.train"] if r.tokenizer.train is not None else []
+    if clash:
+        raise RecipeError(
+            f"model.from_teacher builds the student (and its tokenizer) from the teacher: drop {', '.join(clash)} "
+            f"(e.g. {clash[0]}=null)"
+        )
 
 
 BUILTIN_SOURCES = ("pydoc",)

@@ -166,6 +166,31 @@ def _training_facts(summary: dict, adapter: bool) -> list[str]:
     ]
 
 
+def distill_lines(summary: dict, main_metric: str) -> list[str]:
+    """What a distilled run's summary says of its teacher: settings, sizes, and both models on the validation split."""
+    d = summary.get("distill")
+    if not d:
+        return []
+    cut = f", student = layers {d['from_teacher_layers']} of it" if d.get("from_teacher_layers") else ""
+    lines = [
+        f"- distilled from {d['teacher']} (temperature {d['temperature']}, alpha {d['alpha']}, "
+        f"hidden loss {d['hidden_loss']}{cut})",
+        f"- parameters: teacher {d['teacher_parameters']:,}, student {d['student_parameters']:,} "
+        f"({d['student_parameters'] / max(d['teacher_parameters'], 1):.2f}x)",
+    ]
+    theirs, ours = d.get("teacher_metrics") or {}, summary.get("final_metrics") or {}
+    if theirs and ours:
+        name = main_metric.removeprefix("eval_")
+        speed = ours.get("eval_samples_per_second"), theirs.get("eval_samples_per_second")
+        ratio = f" ({speed[0] / speed[1]:.2f}x the teacher's)" if speed[0] and speed[1] else ""
+        lines.append(
+            f"- validation {name}: student {ours.get(main_metric, float('nan')):.4f}, "
+            f"teacher {theirs.get(main_metric, float('nan')):.4f}; evaluation samples/s: student "
+            f"{speed[0] or 0:.1f}, teacher {speed[1] or 0:.1f}{ratio}"
+        )
+    return lines
+
+
 def model_card(recipe: Any, task: Any, summary: dict) -> str:
     """A Hugging Face model card (README.md): metadata header, results, training, data, how to load, recipe."""
     datasets = _datasets(recipe.data)
@@ -200,6 +225,7 @@ def model_card(recipe: Any, task: Any, summary: dict) -> str:
         "## Training",
         "",
         *_training_facts(summary, recipe.lora is not None),
+        *distill_lines(summary, task.main_metric),
         "",
         "## Data",
         "",
@@ -247,3 +273,19 @@ def report(runs: list[Path], output: Path | None = None) -> list[Path]:
     drawn = plot_runs(runs, output, main)
     confusion = plot_confusion(runs[0], output) if len(runs) == 1 else None
     return drawn + [confusion] if confusion else drawn
+
+
+def distill_notes(runs: list[Path]) -> list[str]:
+    """For `llmkit report`: each distilled run's teacher, settings, sizes and validation numbers (from summary.json)."""
+    from llmkit.recipefile import load_raw
+    from llmkit.tasks import get_task
+
+    notes = []
+    for run in map(Path, runs):
+        summary_file = run / "summary.json"
+        if not summary_file.exists():
+            continue
+        summary = json.loads(summary_file.read_text(encoding="utf-8"))
+        lines = distill_lines(summary, get_task(load_raw(run / "recipe.yaml").get("task")).main_metric)
+        notes += [f"{run}:", *(f"  {line[2:]}" for line in lines)] if lines else []
+    return notes

@@ -221,6 +221,7 @@ def summarize(
     wall: float,
     tokens_per_sample: float | None,
     parameters: tuple[int, int],
+    distill: dict | None = None,
 ) -> dict:
     """The run's summary.json: what was trained, how fast (samples/s, and tokens/s from the training data's
     mean tokens per sample), and every metric of every evaluation."""
@@ -254,6 +255,7 @@ def summarize(
         "evaluations": evals,
         "output_dir": str(recipe.output_dir),
         "llmkit_version": __version__,
+        **({"distill": distill} if distill else {}),
     }
 
 
@@ -282,6 +284,7 @@ def recipe_for_evaluation(target: Path, overrides: list[str]) -> Recipe:
             id2label = config["id2label"]
             raw.setdefault("options", {})["labels"] = [id2label[str(i)] for i in range(len(id2label))]
         raw["model"] = {k: v for k, v in raw.get("model", {}).items() if k in ("trust_remote_code", "revision")}
+        raw.pop("distill", None)  # the trained student stands alone
         raw["model"]["name_or_path"] = str(target)
         raw["tokenizer"] = {"name_or_path": str(target)}
         raw.setdefault("trainer", {})["output_dir"] = str(target)

@@ -46,10 +46,13 @@ def load_tokenizer(name_or_path: str, recipe: Recipe | None = None, key: str = "
 
 
 def get_tokenizer(recipe: Recipe, task: Task, train: Any) -> Any:
-    """The recipe's tokenizer: tokenizer.name_or_path, else a trained one, else the model's own."""
+    """The recipe's tokenizer: tokenizer.name_or_path, else a trained one, else the model's own (a student cut
+    from its teacher: the teacher's)."""
     t = recipe.tokenizer
     if t.name_or_path:
         tok = load_tokenizer(t.name_or_path, recipe)
+    elif recipe.model.from_teacher is not None:
+        tok = load_tokenizer(recipe.distill.teacher, recipe, "distill.teacher")
     elif t.train is not None:
         if train is None:
             raise RecipeError("this recipe trains its tokenizer: predict from the run folder it made instead")

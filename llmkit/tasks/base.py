@@ -9,6 +9,10 @@ from typing import Any
 from llmkit.rows import PAIR, TAGS, TARGET, TEXT, WORDS
 
 INPUT_KINDS = (TEXT, PAIR, WORDS)  # what a model reads (a predict file needs the first of them)
+# Task.soft_targets: which logits the task's loss reads, so distillation compares the same ones (llmkit/distill.py)
+SEQUENCE = "sequence"  # one row per sequence (classification)
+LABELLED = "labelled"  # the positions whose label is set (NER's first sub-tokens, MLM's masks, seq2seq targets)
+NEXT = "next"  # each position that predicts a labelled next token (causal LM)
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,7 @@ class Task:
     seq2seq: bool = False
     causal: bool = False  # a left-to-right model: a trained tokenizer gets GPT-style special tokens
     tokens_per_sample: bool = True  # samples are packed blocks of data.max_length tokens
+    soft_targets: str = LABELLED  # SEQUENCE | LABELLED | NEXT: where distillation compares teacher and student
 
     def training_args_cls(self) -> type:
         import transformers

@@ -9,7 +9,7 @@ from llmkit.data import require_columns, row_numbers, split_origin
 from llmkit.errors import DataError, RecipeError
 from llmkit.rows import LABEL, PAIR, TEXT, tokenize_splits
 from llmkit.tasks._labels import feature_names, label_config, resolve_labels
-from llmkit.tasks.base import Role, Task
+from llmkit.tasks.base import SEQUENCE, Role, Task
 
 SINGLE, MULTI = "single_label_classification", "multi_label_classification"
 
@@ -147,6 +147,7 @@ def _predict(recipe: Any, model: Any, tokenizer: Any, rows: list[dict]) -> list[
 
 TASK = Task(
     name="classification",
+    soft_targets=SEQUENCE,
     recipe="classification.yaml",
     main_metric="eval_accuracy",
     pipeline_tag="text-classification",

@@ -7,7 +7,7 @@ from typing import Any
 
 from llmkit.rows import TEXT
 from llmkit.tasks._packing import lm_metrics, pack, text_corpus
-from llmkit.tasks.base import Role, Task
+from llmkit.tasks.base import NEXT, Role, Task
 
 
 @dataclass
@@ -46,6 +46,7 @@ TASK = Task(
     Options=Options,
     roles={"text": Role(TEXT, "text")},
     causal=True,
+    soft_targets=NEXT,
     preprocess=_preprocess,
     collator=lambda recipe, tokenizer, model: collate_blocks,
     corpus=lambda recipe, train: text_corpus(TASK.column(recipe, "text"))(recipe, train),
