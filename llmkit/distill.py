@@ -105,7 +105,7 @@ def trainer_with_teacher(base: type, teacher: Any, recipe: Recipe, task: Task) -
         def compute_loss(
             self, model: Any, inputs: dict, return_outputs: bool = False, num_items_in_batch: Any = None
         ) -> Any:
-            if not model.training:
+            if not model.training or (d.alpha == 0 and d.hidden_loss == 0):  # labels alone: no teacher to ask
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             hidden = d.hidden_loss > 0
             student_inputs = {**inputs, "output_hidden_states": True} if hidden else inputs
@@ -164,21 +164,25 @@ def prepare_teacher(teacher: Any, args: Any) -> Any:
 def load_teacher(recipe: Recipe, task: Task, tokenizer: Any) -> Any:
     """The teacher model of distill.teacher: an llmkit run folder or one of its checkpoints (LoRA merged in),
     another checkpoint folder, or a Hub id. Checked against the student's task, tokenizer and labels."""
+    check_teacher_exists(recipe, task)
     source = recipe.distill.teacher
     path = Path(source).expanduser()
     if (path / "recipe.yaml").is_file():
         model = _run_teacher(path, recipe, task, tokenizer)
-    elif path.is_dir() or _looks_local(source):
-        if not path.is_dir():
-            raise RecipeError(
-                f"distill.teacher: no folder {source}; train the teacher first "
-                f"(e.g. llmkit {task.stage} RECIPE trainer.output_dir={source}) or name a Hub model"
-            )
-        model = _checkpoint_teacher(source, recipe, task, tokenizer)
     else:
         model = _checkpoint_teacher(source, recipe, task, tokenizer)
     _check_labels(recipe, task, model)
     return model
+
+
+def check_teacher_exists(recipe: Recipe, task: Task) -> None:
+    """A distill.teacher that names a local folder (not a Hub id) exists: said before any data is read."""
+    source = recipe.distill.teacher
+    if not Path(source).expanduser().is_dir() and _looks_local(source):
+        raise RecipeError(
+            f"distill.teacher: no folder {source}; train the teacher first "
+            f"(e.g. llmkit {task.stage} RECIPE trainer.output_dir={source}) or name a Hub model"
+        )
 
 
 def _looks_local(source: str) -> bool:
@@ -278,7 +282,7 @@ def check_pair(recipe: Recipe, teacher: Any, student: Any, tokenizer: Any) -> No
 
 # --------------------------------------------------------------------------- students cut from the teacher
 
-_DEPTH_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers", "encoder_layers", "decoder_layers")
+_DECODER_DEPTH = ("num_decoder_layers", "decoder_layers", "encoder_layers")  # seq2seq configs' other stacks
 
 
 def cut_from_teacher(teacher: Any, layers: list[int]) -> Any:
@@ -314,7 +318,7 @@ def cut_from_teacher(teacher: Any, layers: list[int]) -> Any:
                     module.layer_idx = new
         setattr(parent, name, torch.nn.ModuleList(kept))
     fields = student.config.to_dict()
-    for key in _DEPTH_KEYS:
+    for key in (student.config.attribute_map.get("num_hidden_layers", "num_hidden_layers"), *_DECODER_DEPTH):
         if fields.get(key) == depth:
             setattr(student.config, key, len(layers))
     if isinstance(getattr(student.config, "layer_types", None), list) and len(student.config.layer_types) == depth:

@@ -201,6 +201,8 @@ def train(
     task = get_task(recipe.task)
     if recipe.args is None:
         resolve(recipe)
+    if recipe.distill is not None:
+        distill.check_teacher_exists(recipe, task)
     ckpt, wipe = (None, False) if dry_run else rundir.plan_run(recipe, overwrite, resume)
     started = time.time()
     keep_freed_memory()
