@@ -232,9 +232,13 @@ def _teacher_facts(recipe: Recipe, task: Task, tokenizer: Any, teacher: Any, stu
 
     out = distill.facts(recipe, teacher, student)
     if evaluation is not None:
-        with tempfile.TemporaryDirectory() as elsewhere:  # files the metrics save (a confusion matrix) are the student's
+        with (
+            tempfile.TemporaryDirectory() as elsewhere
+        ):  # files the metrics save (a confusion matrix) are the student's
             aside = dataclasses.replace(recipe, trainer={**recipe.trainer, "output_dir": elsewhere})
-            metrics = build_trainer(aside, task, teacher, tokenizer, None, evaluation).evaluate(metric_key_prefix="eval")
+            metrics = build_trainer(aside, task, teacher, tokenizer, None, evaluation).evaluate(
+                metric_key_prefix="eval"
+            )
         out["teacher_metrics"] = with_perplexity(metrics) if task.perplexity else metrics
     return out
 

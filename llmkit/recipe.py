@@ -33,7 +33,9 @@ class ModelSection:
 
 @dataclass
 class FromTeacherSection:
-    layers: list[int] = field(default_factory=list)  # the teacher's layers the student keeps (weights copied), e.g. [0, 2, 4]
+    layers: list[int] = field(
+        default_factory=list
+    )  # the teacher's layers the student keeps (weights copied), e.g. [0, 2, 4]
 
 
 @dataclass
@@ -262,7 +264,9 @@ def _check_distill(r: Recipe) -> None:
     d, cut = r.distill, r.model.from_teacher
     if d is not None:
         if not d.teacher or not d.teacher.strip():
-            raise RecipeError("distill.teacher: name the teacher (a finished run folder), e.g. distill.teacher=runs/teacher")
+            raise RecipeError(
+                "distill.teacher: name the teacher (a finished run folder), e.g. distill.teacher=runs/teacher"
+            )
         if d.temperature <= 0:
             raise RecipeError(f"distill.temperature must be above 0 (2.0 is usual), got {d.temperature}")
         if not 0 <= d.alpha <= 1:
