@@ -31,6 +31,9 @@ BERT = ["model.config.hidden_size=256", "model.config.num_hidden_layers=4", "mod
 SMALL_BERT = ["model.name_or_path=null", "model.config.model_type=bert", *BERT,
               "tokenizer.train.type=wordpiece", "tokenizer.train.vocab_size=8000"]  # fmt: skip
 
+SST2 = ["data.load=null", f"data.train={DATA}/sst2/train.jsonl", f"data.validation={DATA}/sst2/validation.jsonl",
+        "data.columns.text=text"]  # fmt: skip
+
 # name: (llmkit command, recipe, overrides, task facts for the reference)
 WORKLOADS = {
     "mlm": dict(
@@ -62,6 +65,17 @@ WORKLOADS = {
             "data.columns.text=text",
         ],  # fmt: skip
         files={"train": f"{DATA}/sst2/train.jsonl", "validation": f"{DATA}/sst2/validation.jsonl"},
+        auto_model="AutoModelForSequenceClassification",
+        metric="eval_accuracy",
+        learning_rate=5e-5,
+    ),
+    # Distillation: the same 2-layer student (layers 0 and 2 of a 4-layer teacher), trained with and without
+    # its teacher (distill.alpha=0 never runs the teacher): what a distillation step costs over a plain one.
+    "distill": dict(
+        command="finetune",
+        recipe="recipes/classification-distill.yaml",
+        teacher=["recipes/classification.yaml", *SMALL_BERT, *SST2],
+        overrides=[*SST2, "model.from_teacher.layers=[0,2]"],
         auto_model="AutoModelForSequenceClassification",
         metric="eval_accuracy",
         learning_rate=5e-5,
@@ -180,26 +194,24 @@ def bench(name: str, w: dict, steps: int, warmup: int) -> dict:
     seq, batch = 128, 32
     eval_samples = w.get("eval_samples", 256)
     common = {"warmup": warmup, "metric": w["metric"], "auto_model": w["auto_model"], "seq_len": seq}
-    llmkit_spec = {
-        **common,
-        "recipe": str(ROOT / w["recipe"]),
-        "overrides": [
-            *w["overrides"],
-            f"trainer.output_dir={run_dir}",
-            f"trainer.max_steps={total}",
-            f"trainer.per_device_train_batch_size={batch}",
-            f"trainer.learning_rate={w['learning_rate']}",
-            "trainer.warmup_steps=0.06",
-            "trainer.eval_strategy=no",
-            "trainer.eval_on_start=false",
-            "trainer.save_strategy=no",
-            f"trainer.logging_steps={total}",
-            "trainer.report_to=none",
-            "trainer.include_num_input_tokens_seen=non_padding",
-            "data.max_train_samples=20000",
-            f"data.max_eval_samples={eval_samples}",
-        ],
-    }
+    settings = [
+        f"trainer.output_dir={run_dir}",
+        f"trainer.max_steps={total}",
+        f"trainer.per_device_train_batch_size={batch}",
+        f"trainer.learning_rate={w['learning_rate']}",
+        "trainer.warmup_steps=0.06",
+        "trainer.eval_strategy=no",
+        "trainer.eval_on_start=false",
+        "trainer.save_strategy=no",
+        f"trainer.logging_steps={total}",
+        "trainer.report_to=none",
+        "trainer.include_num_input_tokens_seen=non_padding",
+        "data.max_train_samples=20000",
+        f"data.max_eval_samples={eval_samples}",
+    ]
+    llmkit_spec = {**common, "recipe": str(ROOT / w["recipe"]), "overrides": [*w["overrides"], *settings]}
+    if "teacher" in w:
+        return _distill_runs(name, w, llmkit_spec, settings)
     ref_spec = {
         **common,
         "task": {"AutoModelForMaskedLM": "mlm", "AutoModelForCausalLM": "clm"}.get(w["auto_model"], name),
@@ -221,6 +233,19 @@ def bench(name: str, w: dict, steps: int, warmup: int) -> dict:
     return runs
 
 
+def _distill_runs(name: str, w: dict, spec: dict, settings: list[str]) -> dict:
+    """A teacher (a few steps: only its size matters here), then its student without and with it."""
+    teacher = OUT / f"{name}-teacher"
+    recipe, *overrides = w["teacher"]
+    teacher_spec = {**spec, "recipe": str(ROOT / recipe), "overrides": [*overrides, *settings]}
+    teacher_spec["overrides"].append(f"trainer.output_dir={teacher}")
+    runs = {"teacher": one_run("llmkit", teacher_spec)}
+    student = [*spec["overrides"], f"distill.teacher={teacher}"]
+    runs["student_plain"] = one_run("llmkit", {**spec, "overrides": [*student, "distill.alpha=0"]})
+    runs["student_distill"] = one_run("llmkit", {**spec, "overrides": [*student, "distill.alpha=0.5"]})
+    return runs
+
+
 def table(results: dict, peak: dict) -> str:
     rows = [
         "| workload | run | samples/s | tokens/s | MFU (bf16 peak) | first step (s) | eval samples/s | eval loss | metric | peak RSS (MB) |",
@@ -238,10 +263,19 @@ def table(results: dict, peak: dict) -> str:
             )
     rows += ["", "| workload | llmkit / reference fp32 | llmkit / reference bf16 |", "|---|---|---|"]
     for name, runs in results["workloads"].items():
+        if "student_plain" in runs:
+            continue
         s = runs["llmkit"]["samples_per_s"]
         rows.append(
             f"| {name} | {s / runs['reference_fp32']['samples_per_s']:.2f}x | {s / runs['reference_bf16']['samples_per_s']:.2f}x |"
         )
+    for name, runs in results["workloads"].items():
+        if "student_plain" in runs:
+            cost = runs["student_plain"]["samples_per_s"] / runs["student_distill"]["samples_per_s"]
+            rows += [
+                "",
+                f"{name}: a distillation step costs {cost:.2f}x a plain step of the same student (teacher twice its depth).",
+            ]
     rows += [
         "",
         f"Matmul peak measured in this run: {peak['fp32']:.2f} TFLOP/s fp32, {peak['bf16']:.2f} TFLOP/s bf16. "

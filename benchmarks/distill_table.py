@@ -1,44 +1,48 @@
-"""Teacher vs students, as `llmkit evaluate` measured them one after another on this machine (eval_validation.json).
+"""Teacher vs students on the validation split: the main metric, and evaluation throughput measured here, in
+turns (teacher, student, ..., then again), REPEAT times each; the median samples/s of each run is reported.
 
-Usage: python benchmarks/distill_table.py TEACHER_RUN STUDENT_RUN [STUDENT_RUN ...]
+Usage: python benchmarks/distill_table.py TEACHER_RUN STUDENT_RUN [STUDENT_RUN ...] [--repeat N]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
+import statistics
 from pathlib import Path
 
-MAIN = {"classification": "eval_accuracy", "ner": "eval_f1", "mlm": "eval_perplexity", "clm": "eval_perplexity"}
+from llmkit import engine, rundir
+from llmkit.tasks import get_task
 
 
-def row(run: Path) -> dict:
-    summary = json.loads((run / "summary.json").read_text())
-    metrics = json.loads((run / "eval_validation.json").read_text())
-    key = MAIN.get(summary["task"], "eval_loss")
-    return {
-        "run": run.name,
-        "key": key,
-        "value": metrics[key],
-        "speed": metrics["eval_samples_per_second"],
-        "parameters": summary["parameters"],
-        "steps": summary["steps"],
-    }
-
-
-def main(runs: list[str]) -> None:
-    rows = [row(Path(r)) for r in runs]
-    teacher = rows[0]
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    speeds: dict[Path, list[float]] = {run: [] for run in args.runs}
+    metrics: dict[Path, dict] = {}
+    for _ in range(args.repeat):
+        for run in args.runs:  # in turns: a slow spell of the machine hits every run alike
+            metrics[run] = engine.evaluate(rundir.recipe_for_evaluation(run, []))
+            speeds[run].append(metrics[run]["eval_samples_per_second"])
+    rows = []
+    for run in args.runs:
+        summary = json.loads((run / "summary.json").read_text())
+        key = get_task(summary["task"]).main_metric
+        rows.append((run.name, key, metrics[run][key], statistics.median(speeds[run]), summary))
+    _, key, base_value, base_speed, _ = rows[0]
     print(
-        f"| run | {teacher['key'].removeprefix('eval_')} | vs teacher | eval samples/s | vs teacher | parameters | steps |"
+        f"| run | {key.removeprefix('eval_')} | vs teacher | eval samples/s (median of {args.repeat}) "
+        "| vs teacher | parameters | train samples/s |"
     )
     print("|---|---|---|---|---|---|---|")
-    for r in rows:
+    for name, _, value, speed, summary in rows:
         print(
-            f"| {r['run']} | {r['value']:.4f} | {r['value'] / teacher['value']:.3f} | {r['speed']:.1f} | "
-            f"{r['speed'] / teacher['speed']:.2f}x | {r['parameters']:,} | {r['steps']} |"
+            f"| {name} | {value:.4f} | {value / base_value:.3f} | {speed:.1f} | {speed / base_speed:.2f}x | "
+            f"{summary['parameters']:,} | {summary['train_samples_per_second']:.1f} |"
         )
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -48,10 +48,12 @@ for job in "${@:-sst2 wnut scitldr}"; do
           data=(data.train=$DATA/wnut17/train.conll data.validation=$DATA/wnut17/validation.conll
                 data.test=$DATA/wnut17/test.conll data.max_length=128 trainer.num_train_epochs=3)
         fi
-        student=("${common[@]}" model.name_or_path=null "model.from_teacher.layers=[0,2,4]" distill.teacher=runs/quality-$t "${data[@]}")
+        # Students at twice the teacher's learning rate (half its layers start from weights that no longer fit
+        # together): measured on SST-2, 1e-4 beats 5e-5 for both students (0.7947 vs 0.7821 distilled, alpha 0.9).
+        student=("${common[@]}" trainer.learning_rate=1e-4 model.name_or_path=null "model.from_teacher.layers=[0,2,4]"
+                 distill.teacher=runs/quality-$t "${data[@]}")
         $LLMKIT finetune $recipe "${student[@]}" trainer.output_dir=runs/quality-$t-distilled
         $LLMKIT finetune $recipe "${student[@]}" distill.alpha=0 trainer.output_dir=runs/quality-$t-labels-only
-        for run in quality-$t quality-$t-distilled quality-$t-labels-only; do $LLMKIT -q evaluate runs/$run; done
         $PY benchmarks/distill_table.py runs/quality-$t runs/quality-$t-distilled runs/quality-$t-labels-only ;;
       distill-mlm|distill-clm)
         # recipes/bert.yaml (gpt2.yaml) as teacher; a 2-layer student cut from it, distilled vs the same student
@@ -61,7 +63,6 @@ for job in "${@:-sst2 wnut scitldr}"; do
         student=(distill.teacher=runs/quality-$base trainer.report_to=none trainer.save_strategy=no --overwrite)
         $LLMKIT pretrain recipes/$base-distill.yaml "${student[@]}" trainer.output_dir=runs/quality-$base-distilled
         $LLMKIT pretrain recipes/$base-distill.yaml "${student[@]}" distill.alpha=0 distill.hidden_loss=0 trainer.output_dir=runs/quality-$base-no-teacher
-        for run in quality-$base quality-$base-distilled quality-$base-no-teacher; do $LLMKIT -q evaluate runs/$run; done
         $PY benchmarks/distill_table.py runs/quality-$base runs/quality-$base-distilled runs/quality-$base-no-teacher ;;
       *) echo "unknown job $j (sst2, sst2-full, wnut, scitldr, distill-sst2, distill-wnut, distill-mlm, distill-clm)" >&2; exit 2 ;;
     esac
