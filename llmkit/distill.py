@@ -84,10 +84,11 @@ def _last_hidden(outputs: Any) -> Any:
     return states[-1]
 
 
-def _hidden_mask(inputs: dict) -> Any:
+def _hidden_mask(inputs: dict, outputs: Any) -> Any:
     """Positions of the last hidden states that are text: the decoder's target tokens (seq2seq), else the attention mask."""
-    if "decoder_input_ids" in inputs and inputs.get("labels") is not None:
-        return inputs["labels"] != IGNORE
+    if getattr(outputs, "decoder_hidden_states", None) is not None:
+        labels = inputs.get("labels")
+        return None if labels is None else labels != IGNORE
     return inputs.get("attention_mask")
 
 
@@ -99,7 +100,7 @@ def trainer_with_teacher(base: type, teacher: Any, recipe: Recipe, task: Task) -
     import torch
 
     d = recipe.distill
-    multi_label = getattr(teacher.config, "problem_type", None) == "multi_label_classification"
+    multi_label = getattr(recipe.options, "problem_type", None) == "multi_label_classification"
 
     class DistillTrainer(base):
         def compute_loss(
@@ -108,21 +109,19 @@ def trainer_with_teacher(base: type, teacher: Any, recipe: Recipe, task: Task) -
             if not model.training or (d.alpha == 0 and d.hidden_loss == 0):  # labels alone: no teacher to ask
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             hidden = d.hidden_loss > 0
-            student_inputs = {**inputs, "output_hidden_states": True} if hidden else inputs
+            labels = inputs.get("labels")  # before the Trainer may pop them (label smoothing)
+            teacher_inputs = _teacher_inputs(inputs, task.soft_targets, hidden)
+            student_inputs = {**inputs, "output_hidden_states": True} if hidden else dict(inputs)
             loss, outputs = super().compute_loss(model, student_inputs, True, num_items_in_batch)
-            labels = inputs.get("labels")
             with torch.no_grad():
-                taught = teacher(**_teacher_inputs(inputs, task.soft_targets, hidden))
+                taught = teacher(**teacher_inputs)
             where = task.soft_targets
-            extra = d.alpha * kl_loss(
-                soft_positions(outputs.logits, labels, where),
-                soft_positions(taught.logits, labels, where),
-                d.temperature,
-                multi_label,
-            )
+            ours, theirs = soft_positions(outputs.logits, labels, where), soft_positions(taught.logits, labels, where)
+            width = min(ours.shape[-1], theirs.shape[-1])  # vocabularies padded to different sizes: the real one
+            extra = d.alpha * kl_loss(ours[..., :width], theirs[..., :width], d.temperature, multi_label)
             if hidden:
                 extra = extra + d.hidden_loss * cosine_loss(
-                    _last_hidden(outputs), _last_hidden(taught), _hidden_mask(inputs)
+                    _last_hidden(outputs), _last_hidden(taught), _hidden_mask(inputs, outputs)
                 )
             loss = (1 - d.alpha) * loss + extra * self._scale_like_task_loss(labels, num_items_in_batch)
             return (loss, outputs) if return_outputs else loss
@@ -133,7 +132,10 @@ def trainer_with_teacher(base: type, teacher: Any, recipe: Recipe, task: Task) -
             if not (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or labels is None:
                 return 1.0  # the Trainer divides the loss by the accumulation steps itself
             local = (labels[..., 1:] if getattr(self, "_loss_shifts_labels", False) else labels).ne(IGNORE).sum()
-            processes = self.accelerator.num_processes if self.args.n_gpu <= 1 else self.args.n_gpu
+            processes = 1  # the Trainer multiplies the task's loss by the processes only where the count is global
+            if self.args.average_tokens_across_devices:
+                tp = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
+                processes = self.accelerator.num_processes // tp if self.args.n_gpu <= 1 else self.args.n_gpu
             return local * processes / num_items_in_batch
 
     return DistillTrainer
@@ -178,16 +180,24 @@ def load_teacher(recipe: Recipe, task: Task, tokenizer: Any) -> Any:
 def check_teacher_exists(recipe: Recipe, task: Task) -> None:
     """A distill.teacher that names a local folder (not a Hub id) exists: said before any data is read."""
     source = recipe.distill.teacher
-    if not Path(source).expanduser().is_dir() and _looks_local(source):
+    path = Path(source).expanduser()
+    if not path.is_dir() and _looks_local(source):
         raise RecipeError(
             f"distill.teacher: no folder {source}; train the teacher first "
             f"(e.g. llmkit {task.stage} RECIPE trainer.output_dir={source}) or name a Hub model"
         )
+    out = recipe.output_dir.expanduser().resolve()
+    if path.is_dir() and (path.resolve() == out or out in path.resolve().parents):
+        raise RecipeError(
+            f"distill.teacher {source} is inside trainer.output_dir {recipe.output_dir}, which this run writes "
+            "(and --overwrite deletes): copy the teacher elsewhere or choose another output_dir"
+        )
 
 
 def _looks_local(source: str) -> bool:
+    """A path, not a Hub id (`org/name` or `name`): ./ / ~ at the start, more than one /, or llmkit's runs/ folder."""
     first = Path(source).parts[0] if Path(source).parts else ""
-    return source.startswith((".", "/", "~")) or source.count("/") != 1 or Path(first).is_dir()
+    return source.startswith((".", "/", "~")) or source.count("/") > 1 or first == "runs" or Path(first).is_dir()
 
 
 def _run_teacher(path: Path, recipe: Recipe, task: Task, tokenizer: Any) -> Any:
@@ -219,6 +229,7 @@ def _checkpoint_teacher(source: str, recipe: Recipe, task: Task, tokenizer: Any)
         model, info = auto.from_pretrained(source, output_loading_info=True, **_trust(recipe))
     except (OSError, ValueError) as e:
         raise RecipeError(f"cannot load distill.teacher {source!r}: {first_line(e)}{offline_hint()}") from None
+    modeling.declare_loss_kwargs(model)  # as llmkit's own builder does (a student cut from it inherits it)
     untrained = [k for k in info.get("missing_keys", []) if "embeddings.position_ids" not in k]
     if untrained:
         raise RecipeError(
@@ -294,7 +305,12 @@ def cut_from_teacher(teacher: Any, layers: list[int]) -> Any:
     import torch
 
     config = teacher.config
-    depth = config.num_hidden_layers
+    depth = getattr(config, "num_hidden_layers", None)
+    if not isinstance(depth, int):
+        raise RecipeError(
+            f"model.from_teacher: a {type(teacher).__name__} names no number of layers to cut; "
+            "give the student with model.name_or_path or model.config instead"
+        )
     wrong = [i for i in layers if i >= depth]
     if wrong:
         raise RecipeError(

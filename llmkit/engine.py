@@ -85,6 +85,8 @@ def _student(recipe: Recipe, task: Task, tokenizer: Any, teacher: Any, meta: boo
         model = modeling.build_model(recipe, task, tokenizer, task.model_kwargs(recipe), meta=meta)
     else:
         model = distill.cut_from_teacher(teacher, recipe.model.from_teacher.layers)
+        for key, value in task.model_kwargs(recipe).items():  # labels (checked equal to the teacher's), problem_type
+            setattr(model.config, key, value)
         if task.seq2seq:
             modeling.configure_generation(model, recipe, tokenizer)
     if teacher is not None:
@@ -227,15 +229,17 @@ def train(
 def _teacher_facts(recipe: Recipe, task: Task, tokenizer: Any, teacher: Any, student: Any, evaluation: Any) -> dict:
     """The distillation's settings and sizes, and the teacher's own metrics on the validation split (the same
     Trainer evaluation as the student's: their throughputs compare)."""
+    import copy
     import dataclasses
     import tempfile
 
     out = distill.facts(recipe, teacher, student)
     if evaluation is not None:
-        with (
-            tempfile.TemporaryDirectory() as elsewhere
-        ):  # files the metrics save (a confusion matrix) are the student's
-            aside = dataclasses.replace(recipe, trainer={**recipe.trainer, "output_dir": elsewhere})
+        # What the metrics save (a confusion matrix) and the loggers record belong to the student: none of it here.
+        with tempfile.TemporaryDirectory() as elsewhere:
+            args = copy.copy(recipe.args)
+            args.output_dir, args.logging_dir, args.report_to = elsewhere, elsewhere, []
+            aside = dataclasses.replace(recipe, trainer={**recipe.trainer, "output_dir": elsewhere}, args=args)
             metrics = build_trainer(aside, task, teacher, tokenizer, None, evaluation).evaluate(
                 metric_key_prefix="eval"
             )

@@ -149,6 +149,10 @@ def _build_model(recipe: Recipe, task: Task, tokenizer: Any, extra: dict | None,
     import torch
 
     m = recipe.model
+    if m.from_teacher is not None:  # only training cuts a student (engine): evaluate or predict its run folder
+        raise RecipeError(
+            "model.from_teacher builds a student for training only; evaluate or predict the run folder it trained"
+        )
     if m.encoder:
         return _encoder_decoder(recipe, tokenizer, meta)
     auto = _auto_class(task)

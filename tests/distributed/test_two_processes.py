@@ -126,3 +126,45 @@ def test_sigkill_of_a_two_process_run_then_resume_is_exact(tmp_path):
     whole_state = json.loads((tmp_path / "whole" / "trainer_state.json").read_text())
     losses = {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h and h["step"] > 4}
     assert losses == {h["step"]: h["loss"] for h in whole_state["log_history"] if "loss" in h and h["step"] > 4}
+
+
+def test_torchrun_two_processes_distil_from_a_teacher(tmp_path, monkeypatch):
+    """Each process runs its own teacher beside the DDP-wrapped student; one folder, one report, the student alone saved."""
+    from llmkit.config import load_recipe, resolve
+
+    monkeypatch.chdir(ROOT)
+    teacher = tmp_path / "teacher"
+    recipe = "recipes/tiny/classification.yaml"
+    engine.train(resolve(load_recipe(recipe, [f"trainer.output_dir={teacher}", "model.config.num_hidden_layers=2"])))
+    out = tmp_path / "student"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+    settings = [
+        f"trainer.output_dir={out}",
+        "model.config=null",
+        "tokenizer.train=null",
+        "model.from_teacher.layers=[1]",
+        f"distill.teacher={teacher}",
+        "distill.hidden_loss=0.5",
+        "trainer.gradient_accumulation_steps=2",
+        "trainer.bf16=true",
+    ]
+    proc = subprocess.run(
+        launch + ["-m", "llmkit", "finetune", recipe, *settings],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["distill"]["teacher"] == str(teacher)
+    assert summary["distill"]["teacher_metrics"]["eval_accuracy"] >= 0
+    assert proc.stdout.count("Done in") == 1 and proc.stdout.count("distilled from") == 1
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 1
+    single = engine.evaluate(rundir.recipe_for_evaluation(out, []), "validation")
+    assert single["eval_accuracy"] == pytest.approx(summary["final_metrics"]["eval_accuracy"], abs=1e-9)

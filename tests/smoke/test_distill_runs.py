@@ -73,6 +73,10 @@ def test_every_task_distils_into_a_student_cut_from_its_teacher(tmp_path, teache
         assert not [k for k in keys if re.search(r"(encoder\.layer|transformer\.h|coder\.block)\.1\.", k)], folder
         assert len(keys) < len(load_file(teachers[task] / "model.safetensors").keys())
     assert "distilled from" in (out / "README.md").read_text()
+    if task == "classification":  # `llmkit report RUN` says it too, beside the plots
+        shown = CliRunner().invoke(app, ["report", str(out)])
+        assert shown.exit_code == 0 and f"distilled from {teachers[task]}" in shown.output, shown.output
+        assert "evaluation samples/s: student" in shown.output
     metrics = engine.evaluate(rundir.recipe_for_evaluation(out, []))  # the student stands alone
     assert metrics["eval_loss"] == pytest.approx(summary["final_metrics"]["eval_loss"], rel=1e-4)
 
@@ -94,6 +98,7 @@ def _batch_loss(recipe, teacher_dir):
     out = model(**batch)
     with torch.no_grad():
         taught = teacher(**{k: v for k, v in batch.items() if k != "labels"})
+    _batch_loss.last = (model, teacher)
     return loss, out, taught, batch
 
 
@@ -213,3 +218,29 @@ def test_bad_distill_settings_exit_2_in_one_line(tmp_path, overrides, message):
     result = CliRunner().invoke(app, argv)
     assert result.exit_code == 2, result.output
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
+
+
+def test_a_teacher_inside_the_output_folder_and_a_cut_recipe_outside_training_are_refused(tmp_path, teachers):
+    name, overrides = _student("clm", teachers["clm"])
+    with pytest.raises(RecipeError, match="is inside trainer.output_dir"):  # --overwrite would delete the teacher
+        engine.train(_recipe(name, teachers["clm"].parent, *overrides), dry_run=True)
+    with pytest.raises(RecipeError, match="evaluate or predict the run folder it trained"):
+        engine.evaluate(_recipe(name, tmp_path / "x", *overrides))
+
+
+def test_label_smoothing_keeps_the_soft_targets_on_the_labelled_positions(tmp_path, teachers):
+    # The Trainer pops the labels to smooth them; the soft loss must still read the masked positions only.
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    name, overrides = _student("mlm", teachers["mlm"], "trainer.label_smoothing_factor=0.1", "trainer.bf16=false")
+    recipe = _recipe(name, tmp_path / "smooth", "model.fast_dropout=false", *overrides)
+    loss, _, _, batch = _batch_loss(recipe, teachers["mlm"])
+    trainer_model, teacher = _batch_loss.last
+    masked = batch["labels"] != -100
+    with torch.no_grad():
+        out = trainer_model(**{k: v for k, v in batch.items() if k != "labels"})
+        taught = teacher(**{k: v for k, v in batch.items() if k != "labels"})
+    hard = LabelSmoother(epsilon=0.1)(out, batch["labels"])
+    s, t = out.logits[masked], taught.logits[masked]
+    soft = torch.nn.functional.kl_div(torch.log_softmax(s / 2, -1), torch.softmax(t / 2, -1), reduction="batchmean") * 4
+    assert loss.item() == pytest.approx(0.5 * hard.item() + 0.5 * soft.item(), rel=1e-4)
