@@ -128,3 +128,24 @@ def test_cut_gpt2_and_t5_follow_their_config_names():
 def test_layers_out_of_range_name_the_teachers_depth():
     with pytest.raises(RecipeError, match=r"\[4\] out of range: the teacher has 4 layers \(0 to 3\)"):
         cut_from_teacher(_bert(), [0, 4])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_kl_matches_autograd_in_value_and_gradient(dtype, monkeypatch):
+    import llmkit.distill as distill
+
+    monkeypatch.setattr(distill, "_CHUNK_BYTES", 4 * 50 * 7)  # 7 rows a block: several blocks and a ragged last one
+    torch.manual_seed(0)
+    student = torch.randn(30, 50, dtype=dtype, requires_grad=True)
+    teacher = torch.randn(30, 50, dtype=dtype)
+    ref_student = student.detach().clone().requires_grad_(True)
+    s, t = torch.log_softmax(ref_student.float() / 2, -1), torch.log_softmax(teacher.float() / 2, -1)
+    ref = torch.nn.functional.kl_div(s, t, log_target=True, reduction="batchmean") * 4
+    (3 * ref).backward()
+    ours = kl_loss(student, teacher, 2.0)
+    (3 * ours).backward()
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert student.grad.dtype == dtype
+    assert torch.allclose(
+        student.grad.float(), ref_student.grad.float(), atol=1e-2 if dtype == torch.bfloat16 else 1e-6
+    )
