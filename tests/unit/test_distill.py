@@ -146,6 +146,5 @@ def test_the_fused_kl_matches_autograd_in_value_and_gradient(dtype, monkeypatch)
     (3 * ours).backward()
     assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
     assert student.grad.dtype == dtype
-    assert torch.allclose(
-        student.grad.float(), ref_student.grad.float(), atol=1e-2 if dtype == torch.bfloat16 else 1e-6
-    )
+    tolerance = (1e-2 if dtype == torch.bfloat16 else 1e-5) * ref_student.grad.abs().max().item()
+    assert (student.grad.float() - ref_student.grad.float()).abs().max().item() <= tolerance
