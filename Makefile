@@ -36,8 +36,8 @@ demo: $(BIN)/llmkit  ## install, then pretrain the default BERT recipe (offline,
 bench: $(BIN)/llmkit  ## llmkit vs a plain Trainer script on ../shared/data (under 10 min; machine must be idle)
 	$(BIN)/python benchmarks/bench.py
 
-quality: $(BIN)/llmkit  ## the README's quality numbers on ../shared/data (about an hour on 2 CPU cores)
-	bash benchmarks/quality.sh sst2 wnut scitldr sst2-full
+quality: $(BIN)/llmkit  ## the README's quality numbers on ../shared/data (about 1.5 hours on 2 CPU cores)
+	bash benchmarks/quality.sh sst2 wnut scitldr sst2-full distill-sst2 distill-wnut distill-mlm distill-clm
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache build dist
