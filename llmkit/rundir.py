@@ -292,5 +292,14 @@ def recipe_for_evaluation(target: Path, overrides: list[str]) -> Recipe:
         recipe = validate(raw, str(saved))
     else:
         recipe = load_recipe(target, overrides)
-    recipe.trainer = {**recipe.trainer, "report_to": "none"}
+    # Evaluate and predict run in one process: how a run was launched (sharding, DDP) is not theirs to repeat.
+    recipe.trainer = {k: v for k, v in recipe.trainer.items() if not _launch_setting(k)} | {"report_to": "none"}
     return resolve(recipe)
+
+
+LAUNCH_SETTINGS = ("fsdp", "fsdp_config", "deepspeed", "local_rank", "accelerator_config", "parallelism_config")
+
+
+def _launch_setting(key: str) -> bool:
+    """A TrainingArguments field that says how training is spread over processes (ddp_* included)."""
+    return key in LAUNCH_SETTINGS or key.startswith("ddp_")

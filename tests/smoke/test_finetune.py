@@ -194,3 +194,26 @@ def test_bad_data_fails_with_one_clear_line(tmp_path):
     with pytest.raises(LlmkitError):
         _train("classification", tmp_path / "o", f"data.train={empty}")
     assert FIXTURES.exists()
+
+
+def test_launch_time_settings_of_a_run_never_reach_a_single_process_command(tmp_path):
+    # A run launched with FSDP/DDP settings saves them in its recipe; evaluate and predict run in one process.
+    from llmkit.recipefile import dump_yaml, load_raw
+
+    out = tmp_path / "run"
+    _train("classification", out, "trainer.num_train_epochs=1")
+    raw = load_raw(out / "recipe.yaml")
+    raw["trainer"].update(
+        fsdp="full_shard auto_wrap",
+        fsdp_config={"transformer_layer_cls_to_wrap": ["BertLayer"]},
+        ddp_find_unused_parameters=False,
+        ddp_timeout=600,
+        local_rank=0,
+    )
+    (out / "recipe.yaml").write_text(dump_yaml(raw))
+    recipe = rundir.recipe_for_evaluation(out, [])
+    assert not {"fsdp", "fsdp_config", "ddp_timeout", "ddp_find_unused_parameters", "local_rank"} & set(recipe.trainer)
+    metrics = engine.evaluate(recipe)
+    assert metrics["samples"] == 24
+    (tmp_path / "in.jsonl").write_text('{"text": "a fine film"}\n')
+    assert predicting.predict(recipe, tmp_path / "in.jsonl", tmp_path / "out.jsonl") == 1
