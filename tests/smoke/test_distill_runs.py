@@ -103,13 +103,17 @@ def _batch_loss(recipe, teacher_dir):
 
 
 def test_the_loss_is_the_mix_of_labels_and_teacher(tmp_path, teachers):
-    for task, where, pick in (("classification", "sequence", None), ("clm", "next", (slice(None), slice(0, -1)))):
+    for task, where in (("classification", "sequence"), ("clm", "next"), ("ner", "labelled")):
         name, overrides = _student(task, teachers[task], "distill.alpha=0.3", "distill.temperature=3")
         recipe = _recipe(name, tmp_path / task, "model.fast_dropout=false", "trainer.bf16=false", *overrides)
-        loss, out, taught, _ = _batch_loss(recipe, teachers[task])
+        loss, out, taught, batch = _batch_loss(recipe, teachers[task])
         s, t = out.logits, taught.logits
-        if pick:
-            s, t = s[pick].reshape(-1, s.shape[-1]), t[pick].reshape(-1, t.shape[-1])
+        if where == "next":  # every position but the last predicts the next token
+            s, t = s[:, :-1].reshape(-1, s.shape[-1]), t[:, :-1].reshape(-1, t.shape[-1])
+        elif where == "labelled":  # the tagged first sub-tokens only
+            tagged = batch["labels"] != -100
+            assert 0 < tagged.sum() < tagged.numel()
+            s, t = s[tagged], t[tagged]
         soft = (
             torch.nn.functional.kl_div(torch.log_softmax(s / 3, -1), torch.softmax(t / 3, -1), reduction="batchmean")
             * 9
