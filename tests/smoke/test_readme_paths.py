@@ -155,7 +155,9 @@ def test_lora_for_mlm_and_summarization(tmp_path, name):
     assert summary["trainable_parameters"] < summary["parameters"]
     assert (tmp_path / "run" / "adapter_model.safetensors").exists()
     metrics = engine.evaluate(rundir.recipe_for_evaluation(tmp_path / "run", []), "validation")
-    assert metrics["eval_loss"] == pytest.approx(summary["final_metrics"]["eval_loss"], rel=1e-4)
+    # The same weights evaluated twice under bf16 autocast (3 significant digits): measured 5.4938 at the end of
+    # training vs 5.4944 reloaded (1.1e-4 apart, in about half the runs). A lost adapter would be off by far more.
+    assert metrics["eval_loss"] == pytest.approx(summary["final_metrics"]["eval_loss"], rel=1e-3)
 
 
 def test_tensorboard_events_and_preflight_are_written(tmp_path):
