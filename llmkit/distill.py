@@ -198,14 +198,16 @@ def prepare_teacher(teacher: Any, args: Any) -> Any:
 
 def load_teacher(recipe: Recipe, task: Task, tokenizer: Any) -> Any:
     """The teacher model of distill.teacher: an llmkit run folder or one of its checkpoints (LoRA merged in),
-    another checkpoint folder, or a Hub id. Checked against the student's task, tokenizer and labels."""
-    check_teacher_exists(recipe, task)
+    another checkpoint folder, or a Hub id (engine.train has checked that a local one exists). Checked against
+    the student's task, tokenizer and labels."""
     source = recipe.distill.teacher
     path = Path(source).expanduser()
-    if (path / "recipe.yaml").is_file():
-        model = _run_teacher(path, recipe, task, tokenizer)
-    else:
-        model = _checkpoint_teacher(source, recipe, task, tokenizer)
+    run = (path / "recipe.yaml").is_file()
+    if run:
+        _check_task(path, task)
+    where = str(path) if path.is_dir() else source
+    _check_vocabulary(_teacher_tokenizer(where, recipe), tokenizer, where)
+    model = _run_teacher(path, task, tokenizer) if run else _checkpoint_teacher(source, recipe, task)
     _check_labels(recipe, task, model)
     return model
 
@@ -233,16 +235,18 @@ def _looks_local(source: str) -> bool:
     return source.startswith((".", "/", "~")) or source.count("/") > 1 or first == "runs" or Path(first).is_dir()
 
 
-def _run_teacher(path: Path, recipe: Recipe, task: Task, tokenizer: Any) -> Any:
-    from llmkit import rundir
-
+def _check_task(path: Path, task: Task) -> None:
     teacher_task = load_raw(path / "recipe.yaml").get("task")
     if teacher_task != task.name:
         raise RecipeError(
             f"distill.teacher {path} is a {teacher_task} run, this recipe trains {task.name}: "
             "distil from a teacher of the same task"
         )
-    _check_vocabulary(_teacher_tokenizer(str(path), recipe), tokenizer, str(path))
+
+
+def _run_teacher(path: Path, task: Task, tokenizer: Any) -> Any:
+    from llmkit import rundir
+
     try:
         teacher_recipe = rundir.recipe_for_evaluation(path, [])
     except Exception as e:  # noqa: BLE001 - an unfinished or damaged teacher, said in one line
@@ -253,10 +257,9 @@ def _run_teacher(path: Path, recipe: Recipe, task: Task, tokenizer: Any) -> Any:
     return model
 
 
-def _checkpoint_teacher(source: str, recipe: Recipe, task: Task, tokenizer: Any) -> Any:
+def _checkpoint_teacher(source: str, recipe: Recipe, task: Task) -> Any:
     import transformers
 
-    _check_vocabulary(_teacher_tokenizer(source, recipe), tokenizer, source)
     auto = getattr(transformers, task.auto_model)
     try:
         model, info = auto.from_pretrained(source, output_loading_info=True, **_trust(recipe))
