@@ -55,7 +55,11 @@ def _at_root(monkeypatch):
 
 @pytest.mark.parametrize("task", list(TEACHERS))
 def test_every_task_distils_into_a_student_cut_from_its_teacher(tmp_path, teachers, task):
-    name, overrides = _student(task, teachers[task], "distill.hidden_loss=0.5", "trainer.save_strategy=steps")
+    # fp32: the evaluation below repeats the run's last one to 1e-4, which bf16 autocast misses by ~1.4e-4 for T5
+    # (in some runs); bf16 distillation is run by the 2-process test.
+    name, overrides = _student(
+        task, teachers[task], "distill.hidden_loss=0.5", "trainer.save_strategy=steps", "trainer.bf16=false"
+    )
     out = tmp_path / "student"
     summary = engine.train(_recipe(name, out, "trainer.save_steps=2", *overrides))
     d = summary["distill"]
