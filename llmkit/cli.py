@@ -224,6 +224,7 @@ def predict(
     input: Path = typer.Option(..., "--input", "-i", help="Inputs: .jsonl/.json/.csv (the task's columns) or .txt."),
     output: Path = typer.Option(..., "--output", "-o", help="Where to write the predictions (JSONL)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Rows per forward pass (or generate call)."),
     debug: bool = DebugOpt,
 ) -> None:
     """Predict with a trained model on a file of inputs.
@@ -237,7 +238,7 @@ def predict(
 
         r = rundir.recipe_for_evaluation(target, overrides or [])
         setup_logging()
-        n = run_predict(r, input, output, overwrite=overwrite)
+        n = run_predict(r, input, output, overwrite=overwrite, batch_size=batch_size)
         typer.echo(f"Wrote {n} predictions to {output}")
 
     guarded(debug, go)
@@ -249,18 +250,25 @@ def export(
     out_dir: Path = typer.Argument(..., help="Where to write the exported model."),
     merge: bool = typer.Option(False, "--merge", help="Merge a LoRA adapter into its base: one standalone model."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT_DIR."),
+    format: str = typer.Option("pytorch", "--format", help="pytorch (safetensors) or onnx."),
+    quantize: str = typer.Option(
+        None, "--quantize", help="int8: onnxruntime dynamic int8 (onnx) or torchao (pytorch)."
+    ),
     debug: bool = DebugOpt,
 ) -> None:
-    """Export a run's model, or its LoRA adapter, or both merged.
+    """Export a run's model: a copy, LoRA merged, ONNX, int8.
 
-    With --merge, the adapter is merged into its base model: one standalone model.
+    With --merge, the adapter is merged into its base model: one standalone model. ONNX and int8 exports
+    merge a LoRA adapter themselves, check themselves against PyTorch and record it in export.json.
     """
 
     def go() -> None:
+        from llmkit.export import check_choices
         from llmkit.export import export as run_export
 
+        check_choices(format, quantize, merge)
         setup_logging()
-        kind = run_export(run_dir, out_dir, merge=merge, overwrite=overwrite)
+        kind = run_export(run_dir, out_dir, merge=merge, overwrite=overwrite, fmt=format, quantize=quantize)
         typer.echo(f"Exported the {kind} to {out_dir}")
 
     guarded(debug, go)

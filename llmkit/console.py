@@ -26,6 +26,11 @@ def basic_logging() -> None:
     root = level if verbosity == "verbose" else logging.WARNING
     logging.basicConfig(level=root, format="[llmkit] %(message)s", stream=sys.stderr, force=True)
     logging.getLogger("llmkit").setLevel(level)
+    if verbosity != "verbose":
+        # torchao (the export extra), imported by transformers whenever installed, warns at import about
+        # kernels for other GPUs and about its pytree registrations: noise in every command.
+        for name in ("torchao", "torch.utils._pytree"):
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def setup_logging() -> None:

@@ -326,8 +326,14 @@ def evaluate(recipe: Recipe, split: str = "validation") -> dict:
     keep_freed_memory()
     _, tokenizer, tokenized = prepare_data(recipe, task, recipe.args, only=split)
     model = modeling.build_model(recipe, task, tokenizer, task.model_kwargs(recipe))
-    task.prepare_model(recipe, model)
+    if not getattr(model, "is_exported_graph", False):  # an ONNX export runs as exported: no hooks to install
+        task.prepare_model(recipe, model)
+    quantized = getattr(model, "is_quantized", False)  # an int8 export (torchao)
+    if quantized:  # the Trainer refuses a quantized model without adapters, for training's sake
+        model.is_quantized = False
     trainer = build_trainer(recipe, task, model, tokenizer, None, tokenized[split])
+    if quantized:
+        model.is_quantized = True
     metrics = trainer.evaluate(metric_key_prefix="eval")
     metrics = {
         "split": split,

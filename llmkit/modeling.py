@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llmkit import onnxrt
 from llmkit.errors import RecipeError, first_line, offline_hint, show, suggest
 from llmkit.hf import hub_kwargs
 
@@ -153,6 +154,10 @@ def _build_model(recipe: Recipe, task: Task, tokenizer: Any, extra: dict | None,
         raise RecipeError(
             "model.from_teacher builds a student for training only; evaluate or predict the run folder it trained"
         )
+    if onnxrt.is_onnx_folder(m.name_or_path):  # `llmkit export --format onnx`: run by onnxruntime
+        from llmkit import onnx_model
+
+        return onnx_model.load(Path(m.name_or_path))
     if m.encoder:
         return _encoder_decoder(recipe, tokenizer, meta)
     auto = _auto_class(task)

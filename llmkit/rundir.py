@@ -52,6 +52,8 @@ MODEL_FILES = (  # the model and its tokenizer, as save_pretrained writes them (
     "vocab.txt",
     "merges.txt",
     "*.model",  # sentencepiece
+    "model.onnx",  # llmkit export --format onnx, and its facts
+    "export.json",
 )
 OWN_ENTRIES = (
     *MODEL_FILES,

@@ -114,14 +114,14 @@ def _metrics(recipe: Any, tokenizer: Any, eval_ds: Any) -> tuple[Any, Any]:
     return compute, reduce
 
 
-def _predict(recipe: Any, model: Any, tokenizer: Any, rows: list[dict]) -> list[dict]:
+def _predict(recipe: Any, model: Any, tokenizer: Any, rows: list[dict], batch_size: int = 32) -> list[dict]:
     import torch
 
     text, pair, _ = _cols(recipe)
     id2label = model.config.id2label
     out = []
-    for start in range(0, len(rows), 32):
-        batch = rows[start : start + 32]
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
         enc = tokenizer(
             [r[text] for r in batch],
             [r[pair] for r in batch] if pair else None,

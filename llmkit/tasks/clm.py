@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,40 @@ def collate_blocks(features: list[dict]) -> dict:
     return {"input_ids": ids, "labels": ids.clone()}
 
 
+def _predict(recipe: Any, model: Any, tokenizer: Any, rows: list[dict], batch_size: int = 16) -> list[dict]:
+    """Continue each prompt: batched (left-padded) generation with the KV cache and the recipe's `generation:`
+    settings (greedy, 50 new tokens unless they say otherwise). The prompt's end is kept when it is too long."""
+    import torch
+
+    settings = {"max_new_tokens": 50, **(recipe.generation or {})}
+    if "max_length" in settings and "max_new_tokens" not in (recipe.generation or {}):
+        settings.pop("max_new_tokens")
+    room = getattr(model.config, "max_position_embeddings", None) or recipe.data.max_length
+    new = settings.get("max_new_tokens") or 0
+    if new > room // 2:  # prompt and completion share the model's positions: keep room for both
+        logging.getLogger("llmkit").warning(
+            "generation.max_new_tokens=%d capped at %d: the model has %d positions", new, room // 2, room
+        )
+        new = settings["max_new_tokens"] = room // 2
+    limit = max(1, min(recipe.data.max_length, room - new))
+    tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    prompts = [r[TASK.column(recipe, "text")] for r in rows]
+    out = []
+    model.eval()
+    for start in range(0, len(prompts), batch_size):
+        enc = tokenizer(
+            prompts[start : start + batch_size], truncation=True, max_length=limit, padding=True, return_tensors="pt"
+        ).to(model.device)
+        enc.pop("token_type_ids", None)
+        with torch.no_grad():
+            ids = model.generate(**enc, pad_token_id=tokenizer.pad_token_id, use_cache=True, **settings)
+        completions = tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        out += [{"completion": c} for c in completions]
+    return out
+
+
 TASK = Task(
     name="clm",
     recipe="gpt2.yaml",
@@ -51,5 +86,6 @@ TASK = Task(
     collator=lambda recipe, tokenizer, model: collate_blocks,
     corpus=lambda recipe, train: text_corpus(TASK.column(recipe, "text"))(recipe, train),
     metrics=lm_metrics(shift=True),
+    predict=_predict,
     perplexity=True,
 )

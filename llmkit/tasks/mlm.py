@@ -14,11 +14,14 @@ from llmkit.tasks.base import Role, Task
 @dataclass
 class Options:
     mlm_probability: float = 0.15  # share of tokens masked (BERT: 0.15; higher masks more, learns faster per step)
+    top_k: int = 5  # predict: the candidates listed for each [MASK]
 
 
 def _validate(recipe: Any) -> None:
     if not 0 < recipe.options.mlm_probability < 1:
         raise RecipeError(f"options.mlm_probability must be in (0, 1), got {recipe.options.mlm_probability}")
+    if recipe.options.top_k < 1:
+        raise RecipeError(f"options.top_k must be at least 1, got {recipe.options.top_k}")
 
 
 def _need_mask_token(tokenizer: Any) -> None:
@@ -151,6 +154,39 @@ def _speed_up(recipe: Any, model: Any) -> None:
     predict_masked_positions_only(model)
 
 
+def _predict(recipe: Any, model: Any, tokenizer: Any, rows: list[dict], batch_size: int = 32) -> list[dict]:
+    """Fill each [MASK] (or the tokenizer's own mask token) with its top-k tokens and their probabilities;
+    `filled` is the text with every mask replaced by its best token."""
+    import torch
+
+    _need_mask_token(tokenizer)
+    texts = [str(r[TASK.column(recipe, "text")]).replace("[MASK]", tokenizer.mask_token) for r in rows]
+    for i, text in enumerate(texts, 1):
+        if tokenizer.mask_token not in text:
+            raise RecipeError(f"row {i} has no {tokenizer.mask_token} to fill; mark each word to predict with [MASK]")
+    out = []
+    for start in range(0, len(texts), batch_size):
+        batch = texts[start : start + batch_size]
+        enc = tokenizer(batch, truncation=True, max_length=recipe.data.max_length, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            probs = model(**enc).logits.float().softmax(-1)
+        for row, text in enumerate(batch):
+            where = (enc["input_ids"][row] == tokenizer.mask_token_id).nonzero().flatten().tolist()
+            top = [probs[row, pos].topk(recipe.options.top_k) for pos in where]
+            fills = [
+                [
+                    {"token": tokenizer.decode([int(i)]).strip(), "score": round(float(p), 4)}
+                    for p, i in zip(*t, strict=True)
+                ]
+                for t in top
+            ]
+            filled = text
+            for candidates in fills:
+                filled = filled.replace(tokenizer.mask_token, candidates[0]["token"], 1)
+            out.append({"fills": fills, "filled": filled})
+    return out
+
+
 TASK = Task(
     name="mlm",
     recipe="bert.yaml",
@@ -166,6 +202,7 @@ TASK = Task(
     collator=_collator,
     corpus=lambda recipe, train: text_corpus(TASK.column(recipe, "text"))(recipe, train),
     metrics=lm_metrics(shift=False),
+    predict=_predict,
     validate=_validate,
     prepare_model=lambda recipe, model: _speed_up(recipe, model),
     perplexity=True,

@@ -135,14 +135,14 @@ def entities(words: list[str], tags: list[str]) -> list[dict]:
     ]
 
 
-def _predict(recipe: Any, model: Any, tokenizer: Any, rows: list[dict]) -> list[dict]:
+def _predict(recipe: Any, model: Any, tokenizer: Any, rows: list[dict], batch_size: int = 32) -> list[dict]:
     import torch
 
     tokens, _ = _cols(recipe)
     names = model.config.id2label
     out = []
-    for start in range(0, len(rows), 32):
-        batch = rows[start : start + 32]
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
         words = [r[tokens].split() if isinstance(r[tokens], str) else list(r[tokens]) for r in batch]
         enc = tokenizer(
             words,

@@ -108,9 +108,9 @@ def generate(model: Any, tokenizer: Any, documents: list[str], recipe: Any, batc
     return out
 
 
-def _predict(recipe: Any, model: Any, tokenizer: Any, rows: list[dict]) -> list[dict]:
+def _predict(recipe: Any, model: Any, tokenizer: Any, rows: list[dict], batch_size: int = 16) -> list[dict]:
     doc, _, _ = _cols(recipe)
-    return [{"summary": s} for s in generate(model, tokenizer, [r[doc] for r in rows], recipe)]
+    return [{"summary": s} for s in generate(model, tokenizer, [r[doc] for r in rows], recipe, batch_size)]
 
 
 TASK = Task(

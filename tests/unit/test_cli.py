@@ -114,6 +114,8 @@ def test_dry_run_prints_resolved_recipe_and_estimate(engine):
         (["pretrain", str(RECIPES / "bert.yaml"), "trainer.learnig_rate=3"], "did you mean 'learning_rate'"),
         (["finetune", str(RECIPES / "bert.yaml")], "run it with `llmkit pretrain`"),
         (["recipe", "show", "missing.yaml"], "recipe file not found"),
+        (["export", "runs/x", "out", "--format", "tflite"], "unknown export format 'tflite'"),
+        (["export", "runs/x", "out", "--format", "onnx", "--quantize", "int4"], "unknown precision 'int4'"),
     ],
 )
 def test_errors_are_one_line_exit_2(engine, argv, message):

@@ -1,0 +1,45 @@
+"""Exported ONNX folders: what marks them, and onnxruntime sessions on them (llmkit/onnx_model.py runs them).
+
+`llmkit export RUN OUT --format onnx` writes `model.onnx` (inputs: the tokenizer's ids, mask and token
+types with dynamic batch and sequence axes; output: `logits`) beside `config.json`, the tokenizer and
+`export.json`. Nothing here imports torch or onnxruntime until a session is opened.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from llmkit.errors import LlmkitError
+
+MODEL_FILE = "model.onnx"
+EXPORT_FILE = "export.json"
+EXTRA = "pip install 'llmkit[export]'"
+
+
+def is_onnx_folder(path: str | Path | None) -> bool:
+    """Whether `path` is a folder written by `llmkit export --format onnx`."""
+    return path is not None and (Path(path) / MODEL_FILE).is_file()
+
+
+def import_runtime() -> Any:
+    """onnxruntime, or one line naming the extra that installs it."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise LlmkitError(f"ONNX models need onnxruntime, which is not installed; {EXTRA}") from None
+    return onnxruntime
+
+
+def session(path: Path, threads: int | None = None) -> Any:
+    """An onnxruntime CPU session on `path`; a damaged file is one line naming it."""
+    ort = import_runtime()
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3  # errors only: no per-node warnings on stderr
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf types for damaged files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LlmkitError(f"{path} is not a loadable ONNX model ({first}); export it again") from None
