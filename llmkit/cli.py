@@ -224,7 +224,9 @@ def predict(
     input: Path = typer.Option(..., "--input", "-i", help="Inputs: .jsonl/.json/.csv (the task's columns) or .txt."),
     output: Path = typer.Option(..., "--output", "-o", help="Where to write the predictions (JSONL)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
-    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Rows per forward pass (or generate call)."),
+    batch_size: int = typer.Option(
+        None, "--batch-size", min=1, help="Rows per forward pass or generate call (default: the task's, 16 or 32)."
+    ),
     debug: bool = DebugOpt,
 ) -> None:
     """Predict with a trained model on a file of inputs.

@@ -245,8 +245,9 @@ def _check_task(path: Path, task: Task) -> None:
 
 
 def _run_teacher(path: Path, task: Task, tokenizer: Any) -> Any:
-    from llmkit import rundir
+    from llmkit import onnxrt, rundir
 
+    onnxrt.refuse_training(path, "distill.teacher")
     try:
         teacher_recipe = rundir.recipe_for_evaluation(path, [])
     except Exception as e:  # noqa: BLE001 - an unfinished or damaged teacher, said in one line

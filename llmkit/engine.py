@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmkit import distill, modeling, preflight, rundir
+from llmkit import distill, modeling, onnxrt, preflight, rundir
 from llmkit.checkpoints import drop_pickled_args, last_checkpoint, saving, trainer_with_atomic_checkpoints
 from llmkit.config import resolve
 from llmkit.errors import Interrupted, RecipeError
@@ -82,6 +82,7 @@ def estimate(recipe: Recipe, task: Task, tokenizer: Any, tokenized: Any, teacher
 def _student(recipe: Recipe, task: Task, tokenizer: Any, teacher: Any, meta: bool = False) -> Any:
     """The model to train: cut from the teacher (model.from_teacher), else built from the recipe."""
     if recipe.model.from_teacher is None:
+        onnxrt.refuse_training(recipe.model.name_or_path, "model.name_or_path")
         model = modeling.build_model(recipe, task, tokenizer, task.model_kwargs(recipe), meta=meta)
     else:
         model = distill.cut_from_teacher(teacher, recipe.model.from_teacher.layers)

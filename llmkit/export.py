@@ -46,6 +46,7 @@ def export(
     is_adapter = (run_dir / "adapter_config.json").exists()
     if merge and not is_adapter:
         raise LlmkitError(f"{run_dir} holds a full model, not a LoRA adapter: nothing to merge; drop --merge")
+    _check_apart(run_dir, out_dir)
     if not overwrite and out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise LlmkitError(f"{out_dir} exists and is not empty; pass --overwrite or choose another folder")
     check_replaceable(out_dir, "choose another folder to export to")
@@ -56,30 +57,49 @@ def export(
     tokenizer = get_tokenizer(recipe, task, None)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    if converted or merge:
-        model = modeling.build_model(recipe, task, tokenizer, modeling.head_kwargs(task, recipe))
-        if is_adapter:
-            model = model.merge_and_unload()
-        tmp.mkdir(parents=True)
-        if converted:
-            facts = _convert(model.float().eval(), recipe, task, tokenizer, tmp, fmt, quantize)
-            kind = f"{fmt} {facts['precision']}"
+    try:
+        if converted or merge:
+            kind = _build_export(run_dir, tmp, recipe, task, tokenizer, fmt if converted else None, quantize)
         else:
-            model.save_pretrained(tmp)
-            kind = "merged"
-        tokenizer.save_pretrained(tmp)
-        shutil.copy2(run_dir / "recipe.yaml", tmp / "recipe.yaml")  # how it was trained; marks an llmkit export
-        if converted:
-            facts["source"] = str(run_dir)
-            write_json(tmp / onnxrt.EXPORT_FILE, facts)
-            (tmp / "README.md").write_text(model_card(task, run_dir, facts), encoding="utf-8")
-    else:
-        _copy_run(run_dir, tmp)
-        kind = "adapter" if is_adapter else "model"
+            _copy_run(run_dir, tmp)
+            kind = "adapter" if is_adapter else "model"
+    except BaseException:  # a failed or interrupted export leaves nothing behind (OUT is untouched)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out_dir.is_dir():  # --overwrite (checked above): the old export goes only once the new one is complete
         shutil.rmtree(out_dir)
     tmp.replace(out_dir)
     return kind
+
+
+def _check_apart(run_dir: Path, out_dir: Path) -> None:
+    """OUT must be neither the run nor inside it, nor hold it: --overwrite would delete the source."""
+    run, out = run_dir.resolve(), out_dir.resolve()
+    if run == out or run in out.parents or out in run.parents:
+        raise LlmkitError(f"{out_dir} is {run_dir} or holds it or lies inside it; export to a folder of its own")
+
+
+def _build_export(
+    run_dir: Path, tmp: Path, recipe: Any, task: Any, tokenizer: Any, fmt: str | None, quantize: str | None
+) -> str:
+    """Write the merged (fmt None) or converted model into `tmp` with its tokenizer, recipe and facts."""
+    model = modeling.build_model(recipe, task, tokenizer, modeling.head_kwargs(task, recipe))
+    if hasattr(model, "merge_and_unload"):  # a LoRA run: one plain model
+        model = model.merge_and_unload()
+    tmp.mkdir(parents=True)
+    if fmt is None:
+        model.save_pretrained(tmp)
+    else:
+        facts = _convert(model.float().eval(), recipe, task, tokenizer, tmp, fmt, quantize)
+    tokenizer.save_pretrained(tmp)
+    shutil.copy2(run_dir / "recipe.yaml", tmp / "recipe.yaml")  # how it was trained; marks an llmkit export
+    if fmt is None:
+        return "merged"
+    facts["files"] = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file()}
+    facts["source"] = str(run_dir)
+    write_json(tmp / onnxrt.EXPORT_FILE, facts)
+    (tmp / "README.md").write_text(model_card(task, run_dir, facts), encoding="utf-8")
+    return f"{fmt} {facts['precision']}"
 
 
 def _copy_run(run_dir: Path, tmp: Path) -> None:
@@ -93,8 +113,8 @@ def _copy_run(run_dir: Path, tmp: Path) -> None:
 
 def _check_convertible(task: Any, fmt: str, run_dir: Path) -> None:
     """ONNX covers models that answer in one forward pass; the extra's libraries must be installed."""
-    if onnxrt.is_onnx_folder(run_dir):
-        raise LlmkitError(f"{run_dir} is already an ONNX export; export its source run folder instead")
+    if onnxrt.is_onnx_folder(run_dir) or "quantization_config" in _config(run_dir):
+        raise LlmkitError(f"{run_dir} is already converted (ONNX or int8); export its source run folder instead")
     if fmt == "onnx":
         if task.seq2seq or task.causal:
             raise LlmkitError(
@@ -111,6 +131,13 @@ def _check_convertible(task: Any, fmt: str, run_dir: Path) -> None:
             raise LlmkitError(f"PyTorch int8 export needs torchao, which is not installed; {onnxrt.EXTRA}") from None
 
 
+def _config(run_dir: Path) -> dict:
+    import json
+
+    path = run_dir / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def _convert(model: Any, recipe: Any, task: Any, tokenizer: Any, tmp: Path, fmt: str, quantize: str | None) -> dict:
     """Write the converted model into `tmp` (config included) and return export.json's facts."""
     facts: dict = {"format": fmt, "precision": quantize or "fp32", "task": task.name, "llmkit": __version__}
@@ -119,7 +146,6 @@ def _convert(model: Any, recipe: Any, task: Any, tokenizer: Any, tmp: Path, fmt:
         model.config.save_pretrained(tmp)
     else:
         facts.update(_to_torchao_int8(model, recipe, task, tokenizer, tmp))
-    facts["files"] = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file()}
     return facts
 
 
@@ -162,10 +188,17 @@ def _to_torchao_int8(model: Any, recipe: Any, task: Any, tokenizer: Any, tmp: Pa
     fp32_bytes = _weights_bytes(staging)
     quantized = getattr(transformers, task.auto_model).from_pretrained(
         staging,
+        trust_remote_code=recipe.model.trust_remote_code,
         dtype=torch.float32,
         quantization_config=transformers.TorchAoConfig(Int8DynamicActivationInt8WeightConfig()),
     )
     shutil.rmtree(staging)
+    layers = sum(type(m.weight).__name__ != "Parameter" for m in quantized.modules() if isinstance(m, torch.nn.Linear))
+    if not layers:  # GPT-2's blocks are Conv1D, not Linear: nothing for torchao to quantize
+        raise LlmkitError(
+            f"torchao found no Linear layer to quantize in {type(model).__name__}; "
+            "export it as it is (drop --quantize), or to ONNX where the task allows"
+        )
     quantized.save_pretrained(tmp)
     batches, source = onnx_export.parity_batches(
         recipe, task, tokenizer, model, onnx_export.input_names(model, tokenizer)
@@ -173,6 +206,7 @@ def _to_torchao_int8(model: Any, recipe: Any, task: Any, tokenizer: Any, tmp: Pa
     with torch.no_grad():
         check = onnx_export.parity(model, lambda batch: quantized(**batch).logits, batches)
     return {
+        "quantized_layers": layers,
         "fp32_bytes": fp32_bytes,
         "size_ratio": round(_weights_bytes(tmp) / fp32_bytes, 4),
         "parity": {"rows": source, "int8": check},

@@ -57,8 +57,11 @@ class OnnxModel(torch.nn.Module):
 
 def head_loss(config: Any, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The loss the exported head computes in PyTorch: BCE for multi-label, else cross-entropy ignoring -100."""
-    if getattr(config, "problem_type", None) == "multi_label_classification":
+    problem = getattr(config, "problem_type", None)
+    if problem == "multi_label_classification":
         return torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), labels.to(logits.dtype))
+    if problem == "regression" or (problem is None and getattr(config, "num_labels", 2) == 1):
+        return torch.nn.functional.mse_loss(logits.float().squeeze(), labels.float().squeeze())
     return torch.nn.functional.cross_entropy(logits.flatten(0, -2).float(), labels.flatten().long(), ignore_index=-100)
 
 

@@ -18,8 +18,24 @@ EXTRA = "pip install 'llmkit[export]'"
 
 
 def is_onnx_folder(path: str | Path | None) -> bool:
-    """Whether `path` is a folder written by `llmkit export --format onnx`."""
-    return path is not None and (Path(path) / MODEL_FILE).is_file()
+    """Whether `path` is a folder written by `llmkit export --format onnx` (its export.json says so: a Hub
+    snapshot that ships a model.onnx beside its weights stays a transformers folder)."""
+    import json
+
+    if path is None or not (Path(path) / MODEL_FILE).is_file():
+        return False
+    try:
+        return json.loads((Path(path) / EXPORT_FILE).read_text()).get("format") == "onnx"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def refuse_training(path: str | Path | None, role: str) -> None:
+    """An ONNX export runs inference only: one line when a run would train from it or distil with it."""
+    if is_onnx_folder(path):
+        raise LlmkitError(
+            f"{role} {path} is an ONNX export, which only predicts and evaluates; use the run it was exported from"
+        )
 
 
 def import_runtime() -> Any:

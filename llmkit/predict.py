@@ -93,7 +93,9 @@ def _name_inputs(task: Task, recipe: Recipe, rows: list[dict], input_path: Path)
             row[column] = row[found]
 
 
-def predict(recipe: Recipe, input_path: Path, output_path: Path, overwrite: bool = False, batch_size: int = 32) -> int:
+def predict(
+    recipe: Recipe, input_path: Path, output_path: Path, overwrite: bool = False, batch_size: int | None = None
+) -> int:
     """Run the recipe's model on a file of inputs and write one JSON line per input. Returns the row count."""
     task = get_task(recipe.task)
     if task.predict is None:
@@ -105,7 +107,8 @@ def predict(recipe: Recipe, input_path: Path, output_path: Path, overwrite: bool
     tokenizer = get_tokenizer(recipe, task, None)
     model = modeling.build_model(recipe, task, tokenizer, modeling.head_kwargs(task, recipe))
     model.eval()
-    outputs = task.predict(recipe, model, tokenizer, rows, batch_size)
+    # batch_size only when given: the task's own default otherwise (and plugin tasks written before it existed)
+    outputs = task.predict(recipe, model, tokenizer, rows, **({"batch_size": batch_size} if batch_size else {}))
     if previous is not None and outputs and not set(outputs[0]) <= previous:
         raise LlmkitError(
             f"{output_path} holds no {', '.join(map(repr, outputs[0]))} predictions, so it is not llmkit's "

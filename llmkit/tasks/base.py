@@ -68,7 +68,7 @@ class Task:
     build_model: Callable[..., Any] | None = None
     # (model, inputs, num_items_in_batch) -> (loss, outputs): the training and evaluation loss (None: the model's)
     compute_loss: Callable[..., tuple[Any, Any]] | None = None
-    # (recipe, model, tokenizer, rows, batch_size) -> one output dict per input row
+    # (recipe, model, tokenizer, rows, batch_size=default) -> one output dict per input row
     predict: Callable[..., list[dict]] | None = None
     trainer_defaults: dict = field(default_factory=dict)  # TrainingArguments defaults for this task
     validate: Callable[[Any], None] = _no_check

@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from llmkit.errors import RecipeError
 from llmkit.rows import TEXT
 from llmkit.tasks._packing import lm_metrics, pack, text_corpus
 from llmkit.tasks.base import NEXT, Role, Task
@@ -35,37 +36,54 @@ def collate_blocks(features: list[dict]) -> dict:
     return {"input_ids": ids, "labels": ids.clone()}
 
 
-def _predict(recipe: Any, model: Any, tokenizer: Any, rows: list[dict], batch_size: int = 16) -> list[dict]:
-    """Continue each prompt: batched (left-padded) generation with the KV cache and the recipe's `generation:`
-    settings (greedy, 50 new tokens unless they say otherwise). The prompt's end is kept when it is too long."""
-    import torch
-
-    settings = {"max_new_tokens": 50, **(recipe.generation or {})}
-    if "max_length" in settings and "max_new_tokens" not in (recipe.generation or {}):
-        settings.pop("max_new_tokens")
+def _budget(recipe: Any, model: Any) -> tuple[dict, int]:
+    """generate() settings (greedy and 50 new tokens unless `generation:` says otherwise; its max_length is the
+    prompt and completion together) and the prompt's token limit: both fit in the model's positions."""
+    settings = {"do_sample": False, **(recipe.generation or {})}
+    total = settings.pop("max_length", None)
     room = getattr(model.config, "max_position_embeddings", None) or recipe.data.max_length
-    new = settings.get("max_new_tokens") or 0
+    new = settings.get("max_new_tokens") or (max(1, total // 2) if total else 50)
     if new > room // 2:  # prompt and completion share the model's positions: keep room for both
         logging.getLogger("llmkit").warning(
-            "generation.max_new_tokens=%d capped at %d: the model has %d positions", new, room // 2, room
+            "max_new_tokens %d capped at %d: the model has %d positions", new, room // 2, room
         )
-        new = settings["max_new_tokens"] = room // 2
-    limit = max(1, min(recipe.data.max_length, room - new))
+        new = room // 2
+    settings["max_new_tokens"] = new
+    return settings, max(1, min(recipe.data.max_length, (total or room) - new, room - new))
+
+
+def _predict(recipe: Any, model: Any, tokenizer: Any, rows: list[dict], batch_size: int = 16) -> list[dict]:
+    """Continue each prompt: batched left-padded generation with the KV cache (see _budget). A prompt too long
+    keeps its end. The tokenizer's padding and truncation sides are restored afterwards."""
+    import torch
+
+    prompts = [str(r[TASK.column(recipe, "text")]) for r in rows]
+    for i, prompt in enumerate(prompts, 1):
+        if not prompt.strip():
+            raise RecipeError(f"row {i} has an empty prompt; give each row some text to continue")
+    settings, limit = _budget(recipe, model)
+    sides, pad = (tokenizer.padding_side, tokenizer.truncation_side), tokenizer.pad_token
     tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    prompts = [r[TASK.column(recipe, "text")] for r in rows]
     out = []
     model.eval()
-    for start in range(0, len(prompts), batch_size):
-        enc = tokenizer(
-            prompts[start : start + batch_size], truncation=True, max_length=limit, padding=True, return_tensors="pt"
-        ).to(model.device)
-        enc.pop("token_type_ids", None)
-        with torch.no_grad():
-            ids = model.generate(**enc, pad_token_id=tokenizer.pad_token_id, use_cache=True, **settings)
-        completions = tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        out += [{"completion": c} for c in completions]
+    try:
+        for start in range(0, len(prompts), batch_size):
+            enc = tokenizer(
+                prompts[start : start + batch_size],
+                truncation=True,
+                max_length=limit,
+                padding=True,
+                return_tensors="pt",
+            ).to(model.device)
+            enc.pop("token_type_ids", None)
+            with torch.no_grad():
+                ids = model.generate(**enc, pad_token_id=tokenizer.pad_token_id, use_cache=True, **settings)
+            completions = tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            out += [{"completion": c} for c in completions]
+    finally:
+        (tokenizer.padding_side, tokenizer.truncation_side), tokenizer.pad_token = sides, pad
     return out
 
 

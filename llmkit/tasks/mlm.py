@@ -160,30 +160,36 @@ def _predict(recipe: Any, model: Any, tokenizer: Any, rows: list[dict], batch_si
     import torch
 
     _need_mask_token(tokenizer)
-    texts = [str(r[TASK.column(recipe, "text")]).replace("[MASK]", tokenizer.mask_token) for r in rows]
+    mask = tokenizer.mask_token
+    texts = [str(r[TASK.column(recipe, "text")]).replace("[MASK]", mask) for r in rows]
     for i, text in enumerate(texts, 1):
-        if tokenizer.mask_token not in text:
-            raise RecipeError(f"row {i} has no {tokenizer.mask_token} to fill; mark each word to predict with [MASK]")
+        if mask not in text:
+            raise RecipeError(f"row {i} has no {mask} to fill; mark each word to predict with [MASK]")
     out = []
     for start in range(0, len(texts), batch_size):
         batch = texts[start : start + batch_size]
         enc = tokenizer(batch, truncation=True, max_length=recipe.data.max_length, padding=True, return_tensors="pt")
-        with torch.no_grad():
-            probs = model(**enc).logits.float().softmax(-1)
+        at = enc["input_ids"] == tokenizer.mask_token_id
         for row, text in enumerate(batch):
-            where = (enc["input_ids"][row] == tokenizer.mask_token_id).nonzero().flatten().tolist()
-            top = [probs[row, pos].topk(recipe.options.top_k) for pos in where]
-            fills = [
-                [
-                    {"token": tokenizer.decode([int(i)]).strip(), "score": round(float(p), 4)}
-                    for p, i in zip(*t, strict=True)
-                ]
-                for t in top
+            if int(at[row].sum()) < text.count(mask):
+                raise RecipeError(
+                    f"row {start + row + 1}: a {mask} lies beyond data.max_length={recipe.data.max_length} tokens; "
+                    "shorten the text or raise data.max_length"
+                )
+        with torch.no_grad():  # the vocabulary distribution at the masks only (B x L x V would not fit long inputs)
+            top = model(**enc).logits[at].float().softmax(-1).topk(recipe.options.top_k)
+        fills = [
+            [
+                {"token": tokenizer.decode([int(i)]).strip(), "score": round(float(p), 4)}
+                for p, i in zip(*t, strict=True)
             ]
-            filled = text
-            for candidates in fills:
-                filled = filled.replace(tokenizer.mask_token, candidates[0]["token"], 1)
-            out.append({"fills": fills, "filled": filled})
+            for t in zip(top.values, top.indices, strict=True)
+        ]
+        for text in batch:
+            mine, fills = fills[: text.count(mask)], fills[text.count(mask) :]
+            pieces = text.split(mask)
+            filled = pieces[0] + "".join(f[0]["token"] + piece for f, piece in zip(mine, pieces[1:], strict=True))
+            out.append({"fills": mine, "filled": filled})
     return out
 
 

@@ -130,12 +130,20 @@ def test_clm_predict_generates_a_completion_per_prompt(runs, tmp_path):
     assert alone[0]["completion"] == rows[0]["completion"]
 
 
+LLAMA = "model.config={model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 2, max_position_embeddings: 64}"
+
+
 def test_a_clm_run_quantizes_to_int8_and_still_generates(runs, tmp_path):
-    out = tmp_path / "gpt2-int8"
-    assert exporting.export(runs["gpt2"], out, quantize="int8") == "pytorch int8"
-    assert _facts(out)["parity"]["rows"].endswith("validation rows")
-    rows = _predict(out, tmp_path, [{"text": "To be or"}], "gen8.jsonl")
-    assert isinstance(rows[0]["completion"], str)
+    with pytest.raises(LlmkitError, match="torchao found no Linear layer to quantize in GPT2LMHeadModel"):
+        exporting.export(runs["gpt2"], tmp_path / "gpt2-int8", quantize="int8")  # Conv1D blocks
+    assert not (tmp_path / "gpt2-int8").exists() and not (tmp_path / ".gpt2-int8.tmp").exists()
+    llama, out = _train(tmp_path, "gpt2", LLAMA), tmp_path / "llama-int8"
+    assert exporting.export(llama, out, quantize="int8") == "pytorch int8"
+    facts = _facts(out)
+    # q, k, v, o and the MLP's three; transformers keeps a language model's output head (lm_head) in full precision
+    assert facts["quantized_layers"] == 7 and facts["parity"]["rows"].endswith("validation rows")
+    rows = _predict(out, tmp_path, [{"text": "To be or"}, {"text": "the king"}], "gen8.jsonl")
+    assert all(isinstance(r["completion"], str) for r in rows)
 
 
 def test_mlm_predict_fills_each_mask_with_top_k(runs, tmp_path):
@@ -147,6 +155,10 @@ def test_mlm_predict_fills_each_mask_with_top_k(runs, tmp_path):
     assert "[MASK]" not in row["filled"]
     with pytest.raises(LlmkitError, match=r"row 1 has no \[MASK\]"):
         _predict(runs["bert"], tmp_path, [{"text": "nothing to fill"}], "none.jsonl")
+    with pytest.raises(LlmkitError, match=r"row 2: a \[MASK\] lies beyond data.max_length=32 tokens"):
+        _predict(runs["bert"], tmp_path, [{"text": "a [MASK]"}, {"text": "word " * 40 + "[MASK]"}], "long.jsonl")
+    with pytest.raises(LlmkitError, match="row 2 has an empty prompt"):
+        _predict(runs["gpt2"], tmp_path, [{"text": "To be"}, {"text": " "}], "empty.jsonl")
 
 
 def test_export_refusals_are_one_line(runs, tmp_path, monkeypatch):
@@ -160,6 +172,10 @@ def test_export_refusals_are_one_line(runs, tmp_path, monkeypatch):
     with pytest.raises(LlmkitError, match="--merge is for plain PyTorch copies"):
         exporting.export(cls, tmp_path / "x", fmt="onnx", merge=True)
     assert not (tmp_path / "x").exists()
+    for out in (cls, cls / "sub", cls.parent):  # --overwrite would delete the run it exports
+        with pytest.raises(LlmkitError, match="or holds it or lies inside it; export to a folder of its own"):
+            exporting.export(cls, out, fmt="onnx", overwrite=True)
+    assert (cls / "summary.json").exists()
 
     real_import = builtins.__import__
 
@@ -176,8 +192,14 @@ def test_export_refusals_are_one_line(runs, tmp_path, monkeypatch):
 def test_a_damaged_onnx_export_is_one_line(runs, tmp_path):
     out = tmp_path / "onnx"
     exporting.export(runs["classification"], out, fmt="onnx")
-    with pytest.raises(LlmkitError, match="already an ONNX export"):
+    with pytest.raises(LlmkitError, match=r"already converted \(ONNX or int8\); export its source run folder"):
         exporting.export(out, tmp_path / "again", fmt="onnx")
+    # An export is for inference: training from it, or distilling with it, is one line.
+    student = RECIPES / "tiny" / "classification.yaml"
+    for key in ("model.name_or_path", "distill.teacher"):
+        with pytest.raises(LlmkitError, match=f"{key} {out} is an ONNX export, which only predicts and evaluates"):
+            recipe = resolve(load_recipe(student, [f"{key}={out}", f"trainer.output_dir={tmp_path / key}"]))
+            engine.train(recipe)
     (out / "model.onnx").write_bytes((out / "model.onnx").read_bytes()[:1000])
     with pytest.raises(LlmkitError, match=r"model.onnx is not a loadable ONNX model \(.*\); export it again"):
         _predict(out, tmp_path, REVIEWS, "broken.jsonl")
