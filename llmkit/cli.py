@@ -246,6 +246,40 @@ def predict(
     guarded(debug, go)
 
 
+@app.command(context_settings=_TRAIN_CTX)
+def tune(
+    target: Path = typer.Argument(..., help="A recipe with a search: section, or the folder of an earlier study."),
+    overrides: list[str] = OverridesArg,
+    trials: int = typer.Option(None, "--trials", min=1, help="Finished trials the study should reach (tune.trials)."),
+    storage: str = typer.Option(None, "--storage", help="Optuna RDB URL (default: sqlite in the output folder)."),
+    study: str = typer.Option(None, "--study", help="The study's name (default: the output folder's name)."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the space and the first sampled values; train nothing."
+    ),
+    debug: bool = DebugOpt,
+) -> None:
+    """Search hyperparameters (Optuna); each trial is a run.
+
+    Trials go to OUTPUT_DIR/trial-N, the study to OUTPUT_DIR/study.db (or --storage).
+    """
+
+    def go() -> None:
+        from llmkit import tune as tuning
+        from llmkit.tune_report import format_table, rows
+
+        basic_logging()
+        p = tuning.plan(tuning.load(target, overrides or []), trials, storage, study)
+        setup_logging()
+        if dry_run:
+            typer.echo(tuning.describe(p))
+            return
+        result = tuning.run(p)
+        typer.echo(format_table(p, rows(result)))
+        typer.echo(f"\nBest recipe: {p.folder / 'best.yaml'}  (llmkit finetune {p.folder / 'best.yaml'})")
+
+    guarded(debug, go)
+
+
 @app.command()
 def export(
     run_dir: Path = typer.Argument(..., help="A finished run folder."),

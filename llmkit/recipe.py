@@ -49,6 +49,20 @@ class DistillSection:
 
 
 @dataclass
+class TuneSection:
+    """`llmkit tune`: how the search over the recipe's `search:` section runs (llmkit/tune.py)."""
+
+    objective: str | None = None  # a metric of the final evaluation (default: the task's main metric)
+    direction: str | None = None  # maximize | minimize (default: minimize losses and perplexities)
+    sampler: str = "tpe"  # tpe | random
+    pruner: str = "median"  # median (a trial behind the median at an evaluation stops) | none
+    trials: int = 10  # finished trials the study should reach (`--trials` overrides)
+    seed: int | None = None  # the sampler's seed
+    study: str | None = None  # the study's name (default: the output folder's name)
+    storage: str | None = None  # an Optuna RDB URL (default: sqlite:///OUTPUT_DIR/study.db)
+
+
+@dataclass
 class TokenizerTrainSection:
     type: str = "wordpiece"  # wordpiece | bpe | unigram
     vocab_size: int = 8000
@@ -100,6 +114,8 @@ class Recipe:
     generation: dict | None = None  # -> transformers.GenerationConfig
     metrics: list[str] = field(default_factory=list)
     distill: DistillSection | None = None
+    search: dict | None = None  # `llmkit tune`: dotted recipe key -> search space (llmkit/search.py)
+    tune: TuneSection | None = None
     raw: dict = field(default_factory=dict, repr=False)
     recipe_file: str = ""
     # Built by config.resolve(): the Hugging Face objects the sections above describe.
@@ -112,7 +128,15 @@ class Recipe:
 
 
 _INTERNAL = ("raw", "recipe_file", "args", "lora")
-_NESTED = {ModelSection, TokenizerSection, TokenizerTrainSection, DataSection, FromTeacherSection, DistillSection}
+_NESTED = {
+    ModelSection,
+    TokenizerSection,
+    TokenizerTrainSection,
+    DataSection,
+    FromTeacherSection,
+    DistillSection,
+    TuneSection,
+}
 
 
 _PLURAL = {str: "strings", int: "integers", float: "numbers", bool: "true/false values"}
@@ -257,6 +281,22 @@ def _check_semantics(r: Recipe) -> None:
         if not isinstance(column, str):
             raise RecipeError(f"{show(f'data.columns.{role}')} must be a column name (a string), got {show(column)}")
     _check_distill(r)
+    _check_tune(r.tune)
+
+
+def _check_tune(t: TuneSection | None) -> None:
+    if t is None:
+        return
+    for key, value, allowed in (
+        ("direction", t.direction, (None, "maximize", "minimize")),
+        ("sampler", t.sampler, ("tpe", "random")),
+        ("pruner", t.pruner, ("median", "none")),
+    ):
+        if value not in allowed:
+            names = [a for a in allowed if a]
+            raise RecipeError(f"tune.{key} must be {' or '.join(names)}, got {show(value)}{suggest(str(value), names)}")
+    if t.trials < 1:
+        raise RecipeError(f"tune.trials must be at least 1, got {t.trials}")
 
 
 def _check_distill(r: Recipe) -> None:

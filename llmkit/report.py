@@ -31,7 +31,7 @@ def _series(history: list[dict], key: str) -> tuple[list[float], list[float]]:
 
 def plot_runs(runs: list[Path], out_dir: Path, main_metric: str) -> list[Path]:
     """Draw loss (train and validation), learning rate and the main metric; several runs overlaid."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -81,7 +81,7 @@ def plot_runs(runs: list[Path], out_dir: Path, main_metric: str) -> list[Path]:
     return written
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")  # headless: runs on servers and in CI
@@ -99,7 +99,7 @@ def plot_confusion(run_dir: Path, out_dir: Path) -> Path | None:
     labels, matrix = [str(x) for x in saved["labels"]], saved["matrix"]
     n, total = len(labels), sum(map(sum, matrix))
     correct = sum(matrix[i][i] for i in range(n))
-    plt = _pyplot()
+    plt = pyplot()
     side = min(3.5 + 0.45 * n, 20)
     fig, ax = plt.subplots(figsize=(side + 1, side), dpi=110)
     image = ax.imshow(matrix, cmap="Blues")

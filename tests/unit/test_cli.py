@@ -69,7 +69,7 @@ def test_help_lists_every_command_untruncated():
     assert result.exit_code == 0
     commands = result.output.split("Commands:")[1].splitlines()[1:]
     names = [line.split()[0] for line in commands if line.strip()]
-    assert " ".join(names) == "pretrain finetune check evaluate predict export report init recipes recipe"
+    assert " ".join(names) == "pretrain finetune check evaluate predict tune export report init recipes recipe"
     assert not [line for line in commands if line.endswith("...")], result.output
 
 
@@ -115,6 +115,8 @@ def test_dry_run_prints_resolved_recipe_and_estimate(engine):
         (["finetune", str(RECIPES / "bert.yaml")], "run it with `llmkit pretrain`"),
         (["recipe", "show", "missing.yaml"], "recipe file not found"),
         (["export", "runs/x", "out", "--format", "tflite"], "unknown export format 'tflite'"),
+        (["tune", str(RECIPES / "tiny/classification-tune.yaml"), "search={a.b: {float: [1, 0]}}"], "low must be below"),
+        (["tune", str(RECIPES / "tiny/classification-tune.yaml"), "tune.sampler=cmaes"], "tune.sampler must be tpe or"),
         (["export", "runs/x", "out", "--format", "onnx", "--quantize", "int4"], "unknown precision 'int4'"),
     ],
 )
