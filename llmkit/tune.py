@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,29 +107,50 @@ def open_study(p: Plan) -> tuple[Any, Any]:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # llmkit says what each trial did
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats: stable since v2
     engine_kwargs = {"connect_args": {"timeout": 60}} if p.storage.startswith("sqlite") else {}
-    try:
-        storage = RDBStorage(
-            p.storage,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=HEARTBEAT_S,
-            grace_period=3 * HEARTBEAT_S,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=RETRIES),
-        )
-    except Exception as e:  # noqa: BLE001 - SQLAlchemy's errors for a bad URL or an unreachable server
-        raise LlmkitError(f"cannot open the study storage {p.storage!r}: {first_line(e)}") from None
+    for attempt in range(5):  # workers starting together race to create the schema: the losers try again
+        try:
+            storage = RDBStorage(
+                p.storage,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=HEARTBEAT_S,
+                grace_period=3 * HEARTBEAT_S,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=RETRIES),
+            )
+            break
+        except Exception as e:  # noqa: BLE001 - SQLAlchemy's errors for a bad URL, a server down, a race
+            if attempt == 4 or not any(w in str(e) for w in ("UNIQUE", "already exists", "locked", "duplicate")):
+                raise LlmkitError(f"cannot open the study storage {p.storage!r}: {first_line(e)}") from None
+            time.sleep(0.5 + attempt)
     s = p.settings
-    sampler = (
-        optuna.samplers.RandomSampler(seed=s.seed) if s.sampler == "random" else optuna.samplers.TPESampler(seed=s.seed)
-    )
     pruner = optuna.pruners.NopPruner() if s.pruner == "none" else optuna.pruners.MedianPruner(n_startup_trials=3)
     study = optuna.create_study(
-        storage=storage, study_name=p.study, load_if_exists=True, direction=p.direction, sampler=sampler, pruner=pruner
+        storage=storage, study_name=p.study, load_if_exists=True, direction=p.direction, pruner=pruner
     )
+    study.sampler = make_sampler(s, worker_seed(s.seed, study))
     if study.direction.name.lower() != p.direction:
         raise LlmkitError(
             f"study {p.study!r} {study.direction.name.lower()}s its objective; this recipe {p.direction}s"
         )
     return study, storage
+
+
+def make_sampler(settings: TuneSection, seed: int | None) -> Any:
+    import optuna
+
+    kind = optuna.samplers.RandomSampler if settings.sampler == "random" else optuna.samplers.TPESampler
+    return kind(seed=seed)
+
+
+def worker_seed(seed: int | None, study: Any) -> int | None:
+    """tune.seed for this worker: offset by the trials the study already has, so a continued study draws new
+    values instead of replaying its first ones, and by the process id when other workers are running."""
+    from optuna.trial import TrialState
+
+    if seed is None:
+        return None
+    trials = study.get_trials(deepcopy=False)
+    running = any(t.state == TrialState.RUNNING for t in trials)
+    return seed + len(trials) + (os.getpid() if running else 0)
 
 
 def import_optuna() -> Any:
@@ -181,7 +203,9 @@ def run(p: Plan) -> Any:
     from optuna.trial import TrialState
 
     p.folder.mkdir(parents=True, exist_ok=True)
-    (p.folder / SAVED).write_text(dump_yaml(p.recipe.raw), encoding="utf-8")
+    # The study's recipe, with where the study is: `llmkit tune FOLDER` continues this study, not a new one.
+    saved = {**p.recipe.raw, "tune": {**(p.recipe.raw.get("tune") or {}), "storage": p.storage, "study": p.study}}
+    (p.folder / SAVED).write_text(dump_yaml(saved), encoding="utf-8")
     study, storage = open_study(p)
     for number in fail_dead_trials(study, storage):
         log.warning("trial %d was left running by a process that is gone: marked failed, retried", number)
@@ -260,10 +284,9 @@ def describe(p: Plan, samples: int = 3) -> str:
     optuna = import_optuna()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     s = p.settings
-    sampler = (
-        optuna.samplers.RandomSampler(seed=s.seed) if s.sampler == "random" else optuna.samplers.TPESampler(seed=s.seed)
-    )
-    scratch = optuna.create_study(sampler=sampler, direction=p.direction)  # in memory: nothing is stored
+    scratch = optuna.create_study(
+        sampler=make_sampler(s, s.seed), direction=p.direction
+    )  # in memory: nothing is stored
     lines = [
         f"study {p.study!r} in {p.storage}: {p.direction} {p.objective} over {p.trials} trials "
         f"({s.sampler} sampler, {s.pruner} pruner); trials in {p.folder}/trial-N",

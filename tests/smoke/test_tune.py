@@ -56,9 +56,11 @@ def test_a_study_runs_continues_and_leaves_its_results(tmp_path):
 
     # The same command on the folder continues the study up to the new count; nothing is repeated.
     again = tuning.plan(tuning.load(out, []), 3, None, None)
+    assert again.storage == f"sqlite:///{(out / 'study.db').resolve()}" and again.study == "study"
     tuning.run(again)
     rows = _trials(out)
     assert [r["number"] for r in rows] == [0, 1, 2] and all(r["state"] == "complete" for r in rows)
+    assert rows[2]["params"] not in (rows[0]["params"], rows[1]["params"])  # a seeded sampler does not replay
     assert rows[:2] == [{**r} for r in _trials(out)[:2]]
     tuning.run(again)  # already there: no trial runs
     assert len(_trials(out)) == 3

@@ -115,7 +115,10 @@ def test_dry_run_prints_resolved_recipe_and_estimate(engine):
         (["finetune", str(RECIPES / "bert.yaml")], "run it with `llmkit pretrain`"),
         (["recipe", "show", "missing.yaml"], "recipe file not found"),
         (["export", "runs/x", "out", "--format", "tflite"], "unknown export format 'tflite'"),
-        (["tune", str(RECIPES / "tiny/classification-tune.yaml"), "search={a.b: {float: [1, 0]}}"], "low must be below"),
+        (
+            ["tune", str(RECIPES / "tiny/classification-tune.yaml"), "search={a.b: {float: [1, 0]}}"],
+            "low must be below",
+        ),
         (["tune", str(RECIPES / "tiny/classification-tune.yaml"), "tune.sampler=cmaes"], "tune.sampler must be tpe or"),
         (["export", "runs/x", "out", "--format", "onnx", "--quantize", "int4"], "unknown precision 'int4'"),
     ],
