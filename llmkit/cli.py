@@ -275,7 +275,8 @@ def tune(
             return
         result = tuning.run(p)
         typer.echo(format_table(p, rows(result)))
-        typer.echo(f"\nBest recipe: {p.folder / 'best.yaml'}  (llmkit finetune {p.folder / 'best.yaml'})")
+        if (p.folder / "best.yaml").is_file():
+            typer.echo(f"\nBest recipe: {p.folder / 'best.yaml'}  (llmkit finetune {p.folder / 'best.yaml'})")
 
     guarded(debug, go)
 

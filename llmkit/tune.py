@@ -15,13 +15,13 @@ import logging
 import os
 import socket
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmkit import config, engine, search, tune_report
-from llmkit.errors import LlmkitError, RecipeError, first_line
+from llmkit import config, engine, search, tune_report, tune_study
+from llmkit.errors import Interrupted, LlmkitError, RecipeError, Terminated, first_line
+from llmkit.files import atomic_write
 from llmkit.recipe import Recipe, TuneSection
 from llmkit.recipefile import apply_overrides, dump_yaml
 from llmkit.tasks import get_task
@@ -29,8 +29,6 @@ from llmkit.tasks import get_task
 log = logging.getLogger("llmkit")
 
 SAVED = "tune.yaml"  # the study's recipe (with search: and tune:), in its output folder
-HEARTBEAT_S = 20  # a trial running elsewhere is stale after 3 missed heartbeats
-RETRIES = 2
 
 
 @dataclass
@@ -45,6 +43,8 @@ class Plan:
     storage: str
     study: str
     settings: TuneSection
+    failures: int = 0  # trials failed in a row in this process
+    db: Any = None  # the study's storage, once open
 
     @property
     def folder(self) -> Path:
@@ -52,7 +52,15 @@ class Plan:
 
 
 class Surplus(Exception):
-    """A trial started while other processes already had the requested count under way."""
+    """A trial started after the study had its count (other workers finished the last places)."""
+
+
+class TrialFailed(Exception):
+    """One trial failed (said in one line); the study goes on."""
+
+
+class ObjectiveMissing(RecipeError):
+    """tune.objective names no metric the runs compute: every trial would fail alike, so the study stops."""
 
 
 def load(target: Path, overrides: list[str]) -> Recipe:
@@ -61,6 +69,7 @@ def load(target: Path, overrides: list[str]) -> Recipe:
     if target.is_dir():
         if not (target / SAVED).is_file():
             raise LlmkitError(f"{target} holds no {SAVED}, so it is not a study folder; pass the recipe file instead")
+        overrides = [f"trainer.output_dir={target}", *overrides]  # the folder as named now, from any working folder
         target = target / SAVED
     return config.load_recipe(target, overrides)
 
@@ -71,7 +80,8 @@ def plan(recipe: Recipe, trials: int | None, storage: str | None, study: str | N
     spaces = search.parse_search(recipe.search)
     objective = settings.objective or get_task(recipe.task).main_metric
     objective = objective if objective.startswith("eval_") else f"eval_{objective}"
-    direction = settings.direction or ("minimize" if "loss" in objective or "perplexity" in objective else "maximize")
+    lower = ("loss", "perplexity", "wer", "cer", "ter", "mse", "mae", "rmse", "error")
+    direction = settings.direction or ("minimize" if any(w in objective for w in lower) else "maximize")
     for space in spaces:
         for value in space.edges():
             try:
@@ -99,98 +109,6 @@ def trial_recipe(recipe: Recipe, values: dict, out: Path) -> Recipe:
     return config.resolve(config.validate(raw, recipe.recipe_file))
 
 
-def open_study(p: Plan) -> tuple[Any, Any]:
-    """The Optuna study (created or continued) and its storage, with heartbeats and retries of dead trials."""
-    optuna = import_optuna()
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # llmkit says what each trial did
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats: stable since v2
-    engine_kwargs = {"connect_args": {"timeout": 60}} if p.storage.startswith("sqlite") else {}
-    for attempt in range(5):  # workers starting together race to create the schema: the losers try again
-        try:
-            storage = RDBStorage(
-                p.storage,
-                engine_kwargs=engine_kwargs,
-                heartbeat_interval=HEARTBEAT_S,
-                grace_period=3 * HEARTBEAT_S,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=RETRIES),
-            )
-            break
-        except Exception as e:  # noqa: BLE001 - SQLAlchemy's errors for a bad URL, a server down, a race
-            if attempt == 4 or not any(w in str(e) for w in ("UNIQUE", "already exists", "locked", "duplicate")):
-                raise LlmkitError(f"cannot open the study storage {p.storage!r}: {first_line(e)}") from None
-            time.sleep(0.5 + attempt)
-    s = p.settings
-    pruner = optuna.pruners.NopPruner() if s.pruner == "none" else optuna.pruners.MedianPruner(n_startup_trials=3)
-    study = optuna.create_study(
-        storage=storage, study_name=p.study, load_if_exists=True, direction=p.direction, pruner=pruner
-    )
-    study.sampler = make_sampler(s, worker_seed(s.seed, study))
-    if study.direction.name.lower() != p.direction:
-        raise LlmkitError(
-            f"study {p.study!r} {study.direction.name.lower()}s its objective; this recipe {p.direction}s"
-        )
-    return study, storage
-
-
-def make_sampler(settings: TuneSection, seed: int | None) -> Any:
-    import optuna
-
-    kind = optuna.samplers.RandomSampler if settings.sampler == "random" else optuna.samplers.TPESampler
-    return kind(seed=seed)
-
-
-def worker_seed(seed: int | None, study: Any) -> int | None:
-    """tune.seed for this worker: offset by the trials the study already has, so a continued study draws new
-    values instead of replaying its first ones, and by the process id when other workers are running."""
-    from optuna.trial import TrialState
-
-    if seed is None:
-        return None
-    trials = study.get_trials(deepcopy=False)
-    running = any(t.state == TrialState.RUNNING for t in trials)
-    return seed + len(trials) + (os.getpid() if running else 0)
-
-
-def import_optuna() -> Any:
-    try:
-        import optuna
-    except ImportError:
-        raise LlmkitError("llmkit tune needs optuna, which is not installed; pip install 'llmkit[tune]'") from None
-    return optuna
-
-
-def fail_dead_trials(study: Any, storage: Any) -> list[int]:
-    """Trials left RUNNING by a process of this machine that is gone (killed, crashed): failed now and
-    retried. Returns their numbers. (Trials of other machines: Optuna's heartbeat, after its grace period.)"""
-    from optuna.storages import RetryHeartbeatStaleTrialCallback
-    from optuna.trial import TrialState
-
-    study_id = storage.get_study_id_from_name(study.study_name)
-    dead = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        host, pid = t.user_attrs.get("host"), t.user_attrs.get("pid")
-        if host == socket.gethostname() and pid is not None and not _alive(pid):
-            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
-            if storage.set_trial_state_values(trial_id, TrialState.FAIL):
-                RetryHeartbeatStaleTrialCallback(max_retry=RETRIES)(study, storage.get_trial(trial_id))
-                dead.append(t.number)
-    return dead
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # a pid reused by this very process: the trial's process is gone
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def finished(study: Any) -> list:
     from optuna.trial import TrialState
 
@@ -202,34 +120,71 @@ def run(p: Plan) -> Any:
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
 
-    p.folder.mkdir(parents=True, exist_ok=True)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise LlmkitError("llmkit tune runs each trial in one process; start it without torchrun/accelerate")
+    p.folder.mkdir(parents=True, exist_ok=True)  # (the default SQLite database lives in it)
+    study, p.db = tune_study.open_study(p, quiet=(Surplus, TrialFailed))
+    if not study.get_trials(deepcopy=False) and list(p.folder.glob("trial-*")):
+        raise LlmkitError(f"{p.folder} holds the trials of another study; choose another output folder")
     # The study's recipe, with where the study is: `llmkit tune FOLDER` continues this study, not a new one.
     saved = {**p.recipe.raw, "tune": {**(p.recipe.raw.get("tune") or {}), "storage": p.storage, "study": p.study}}
-    (p.folder / SAVED).write_text(dump_yaml(saved), encoding="utf-8")
-    study, storage = open_study(p)
-    for number in fail_dead_trials(study, storage):
+    atomic_write(p.folder / SAVED, dump_yaml(saved))
+    for number in tune_study.fail_dead_trials(study, p.db):
         log.warning("trial %d was left running by a process that is gone: marked failed, retried", number)
     if len(finished(study)) < p.trials:
         stop = MaxTrialsCallback(p.trials, states=(TrialState.COMPLETE, TrialState.PRUNED))
-        study.optimize(
-            lambda trial: objective(p, study, trial),
-            callbacks=[stop, lambda s, t: tune_report.write(p, s)],
-            catch=(Surplus,),
-            gc_after_trial=True,
-        )
+        try:
+            study.optimize(
+                lambda trial: objective(p, study, trial),
+                callbacks=[stop, lambda s, t: tune_report.write(p, s)],
+                catch=(Surplus, TrialFailed),
+                gc_after_trial=True,
+            )
+        except (Interrupted, KeyboardInterrupt, Terminated):
+            _requeue_interrupted(study)
+            tune_report.write(p, study)
+            raise KeyboardInterrupt from None  # exit 130; `llmkit tune FOLDER` continues the study
     else:
         log.info("study %r already has %d finished trials (--trials %d)", p.study, len(finished(study)), p.trials)
     tune_report.write(p, study, final=True)
     return study
 
 
+def _requeue_interrupted(study: Any) -> None:
+    """Ctrl-C or SIGTERM stopped this process's trial: its values run again when the study continues."""
+    from optuna.trial import TrialState
+
+    mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("pid") == os.getpid()]
+    if mine and mine[-1].state in (TrialState.FAIL, TrialState.RUNNING):
+        study.enqueue_trial(mine[-1].params, skip_if_exists=False)
+        log.warning("trial %d interrupted: `llmkit tune` on this study runs its values again", mine[-1].number)
+
+
+def _wait_for_a_slot(p: Plan, study: Any, trial: Any) -> bool:
+    """Whether this trial should run: not when the study has its count; when trials of other workers still
+    run for the last places, wait (retrying those whose heartbeat stopped) until one of them ends."""
+    from optuna.storages import fail_stale_trials
+    from optuna.trial import TrialState
+
+    waited = 0
+    while len(finished(study)) < p.trials:
+        states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+        ahead = [t for t in study.get_trials(deepcopy=False, states=states) if t.number < trial.number]
+        if len(ahead) < p.trials:
+            return True
+        time.sleep(2)
+        waited += 2
+        if waited % tune_study.HEARTBEAT_S == 0:
+            fail_stale_trials(study)  # other machines' trials whose heartbeat stopped
+            tune_study.fail_dead_trials(study, p.db)  # this machine's
+    return False
+
+
 def objective(p: Plan, study: Any, trial: Any) -> float:
     """One trial: its values, an ordinary run in trial-N with the pruner listening, the objective's value."""
     import optuna
-    from optuna.trial import TrialState
 
-    ahead = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
-    if len([t for t in ahead if t.number < trial.number]) >= p.trials:  # the others already have the count
+    if not _wait_for_a_slot(p, study, trial):
         trial.set_user_attr("surplus", True)
         study.stop()
         raise Surplus
@@ -237,43 +192,72 @@ def objective(p: Plan, study: Any, trial: Any) -> float:
     trial.set_user_attr("pid", os.getpid())
     values = {space.key: search.suggest(trial, space) for space in p.spaces}
     out = p.folder / f"trial-{trial.number}"
-    trial.set_user_attr("output_dir", str(out))
-    done = finished(study)
+    trial.set_user_attr("output_dir", str(out.resolve()))
     log.info(
         "trial %d (%d/%d finished, %s): %s",
         trial.number,
-        len(done),
+        len(finished(study)),
         p.trials,
         tune_report.best_so_far(p, study),
         ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()),
     )
     listener = pruning_callback(trial, p.objective)
-    summary = engine.train(trial_recipe(p.recipe, values, out), callbacks=[listener])
-    metrics = summary.get("final_metrics", {})
-    if p.objective not in metrics:
-        raise RecipeError(f"tune.objective {p.objective} is not a metric of this task: {', '.join(sorted(metrics))}")
+    summary = _train_trial(p, trial, trial_recipe(p.recipe, values, out), listener)
+    value = summary["final_metrics"].get(p.objective)
+    if value is None:
+        raise ObjectiveMissing(
+            f"tune.objective {p.objective} is not among the final metrics: {', '.join(sorted(summary['final_metrics']))}"
+        )
     trial.set_user_attr("steps", summary["steps"])
-    trial.set_user_attr("value", metrics[p.objective])
+    trial.set_user_attr("value", value)
     if listener.pruned_at is not None:
-        raise optuna.TrialPruned(f"behind the median at step {listener.pruned_at}")
-    return metrics[p.objective]
+        raise optuna.TrialPruned(f"behind the median at evaluation {listener.pruned_at}")
+    return value
+
+
+def _train_trial(p: Plan, trial: Any, recipe: Recipe, listener: Any) -> dict:
+    """engine.train; a trial that fails (a value the run rejects, out of memory, a diverged run) is one failed
+    trial and the study goes on, unless three fail in a row."""
+    try:
+        summary = engine.train(recipe, callbacks=[listener])
+    except ObjectiveMissing:
+        raise
+    except (LlmkitError, RuntimeError) as e:
+        p.failures += 1
+        log.warning("trial %d failed: %s", trial.number, first_line(e))
+        if p.failures >= 3:
+            raise LlmkitError(
+                f"3 trials in a row failed, the last with: {first_line(e)}; fix the recipe or the search"
+            ) from None
+        raise TrialFailed from e
+    p.failures = 0
+    return summary
 
 
 def pruning_callback(trial: Any, key: str) -> Any:
-    """A Trainer callback: each evaluation's objective reported to the pruner; training stops when it prunes."""
+    """A Trainer callback: each evaluation's objective reported to the pruner (by evaluation count, which is
+    comparable across trials of different batch sizes); training stops when it prunes."""
     from transformers import TrainerCallback
+
+    from llmkit.metrics import with_perplexity
 
     class ReportToPruner(TrainerCallback):
         pruned_at: int | None = None
-        reported: set = set()
+        evaluations = 0
+        last_step = -1
 
         def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict | None = None, **kwargs: Any) -> None:
-            if self.pruned_at is not None or not metrics or key not in metrics or state.global_step in self.reported:
-                return
-            self.reported = self.reported | {state.global_step}  # the final evaluation repeats the last step
-            trial.report(metrics[key], state.global_step)
+            if self.pruned_at is not None or not metrics or state.global_step == self.last_step:
+                return  # (the final evaluation repeats the last step's)
+            metrics = with_perplexity(metrics)
+            if key not in metrics:
+                raise ObjectiveMissing(
+                    f"tune.objective {key} is not among the evaluation's metrics: {', '.join(sorted(metrics))}"
+                )
+            self.last_step, self.evaluations = state.global_step, self.evaluations + 1
+            trial.report(metrics[key], self.evaluations)
             if state.global_step < state.max_steps and trial.should_prune():
-                self.pruned_at = state.global_step
+                self.pruned_at = self.evaluations
                 control.should_training_stop = True
 
     return ReportToPruner()
@@ -281,14 +265,13 @@ def pruning_callback(trial: Any, key: str) -> Any:
 
 def describe(p: Plan, samples: int = 3) -> str:
     """--dry-run: the study's settings, each space, and the first values the sampler would try."""
-    optuna = import_optuna()
+    optuna = tune_study.import_optuna()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     s = p.settings
-    scratch = optuna.create_study(
-        sampler=make_sampler(s, s.seed), direction=p.direction
-    )  # in memory: nothing is stored
+    # In memory (nothing is stored): the sampler's first draws, as trials 0, 1, ... of a new study get them.
+    scratch = optuna.create_study(sampler=tune_study.make_sampler(s.sampler, s.seed), direction=p.direction)
     lines = [
-        f"study {p.study!r} in {p.storage}: {p.direction} {p.objective} over {p.trials} trials "
+        f"study {p.study!r} in {tune_study.shown(p.storage)}: {p.direction} {p.objective} over {p.trials} trials "
         f"({s.sampler} sampler, {s.pruner} pruner); trials in {p.folder}/trial-N",
         "search:",
         *[f"  {space.key}: {space.describe()}" for space in p.spaces],

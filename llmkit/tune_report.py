@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,7 @@ from llmkit.recipefile import apply_overrides, dump_yaml
 from llmkit.search import overrides
 
 CARD_MARK = "## Hyperparameter search"
+log = logging.getLogger("llmkit")
 
 
 def rows(study: Any) -> list[dict]:
@@ -73,7 +76,10 @@ def write(p: Any, study: Any, final: bool = False) -> None:
     if b is not None:
         atomic_write(p.folder / "best.yaml", best_recipe(p, b))
     if final:
-        plot(p, table)
+        try:
+            plot(p, table)
+        except Exception as e:  # noqa: BLE001 - a plot is not worth the study's results: say it and go on
+            log.warning("could not draw the study's plots: %s", e)
         if b is not None:
             card_section(p, b, table)
 
@@ -98,8 +104,9 @@ def _short(v: Any) -> str:
 
 def card_section(p: Any, trial: Any, table: list[dict]) -> None:
     """The best trial's model card says how it was chosen."""
-    card = Path(trial.user_attrs.get("output_dir", "")) / "README.md"
-    if not card.is_file():
+    folder = trial.user_attrs.get("output_dir")
+    card = Path(folder) / "README.md" if folder else None
+    if card is None or not card.is_file():
         return
     text = card.read_text(encoding="utf-8").split(CARD_MARK)[0].rstrip()
     done = [r for r in table if r["state"] in ("complete", "pruned")]
@@ -143,7 +150,7 @@ def plot(p: Any, table: list[dict]) -> None:
     ax.step(xs, ys, where="post", label="best so far")
     ax.set(xlabel="trial", ylabel=p.objective, title=f"study {p.study}")
     ax.legend()
-    fig.savefig(folder / "objective.png", dpi=100, bbox_inches="tight")
+    _save(fig, folder / "objective.png")
     plt.close(fig)
     for space in p.spaces:
         pts = [(r["params"][space.key], r["value"]) for r in done if space.key in r["params"]]
@@ -154,5 +161,12 @@ def plot(p: Any, table: list[dict]) -> None:
         if space.log:
             ax.set_xscale("log")
         ax.set(xlabel=space.key, ylabel=p.objective)
-        fig.savefig(folder / f"{space.key}.png", dpi=100, bbox_inches="tight")
+        _save(fig, folder / f"{space.key}.png")
         plt.close(fig)
+
+
+def _save(fig: Any, path: Path) -> None:
+    """Through a temporary file and a rename: two workers finishing together never interleave a PNG."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    tmp.replace(path)

@@ -10,6 +10,7 @@ import pytest
 from conftest import RECIPES, ROOT
 
 from llmkit import tune as tuning
+from llmkit import tune_study
 from llmkit.config import load_recipe
 from llmkit.errors import LlmkitError, RecipeError
 from llmkit.search import parse_search
@@ -33,9 +34,9 @@ def _trials(out):
 
 def test_a_study_runs_continues_and_leaves_its_results(tmp_path):
     out = tmp_path / "study"
-    study = tuning.run(_plan(out, 2))
+    study = tuning.run(_plan(out, 3))
     rows = _trials(out)
-    assert [(r["number"], r["state"]) for r in rows] == [(0, "complete"), (1, "complete")]
+    assert [(r["number"], r["state"]) for r in rows] == [(0, "complete"), (1, "complete"), (2, "complete")]
     for r in rows:  # each trial is an ordinary run with the trial's values in its saved recipe
         run = out / f"trial-{r['number']}"
         assert r["output_dir"] == str(run) and (run / "summary.json").exists()
@@ -52,25 +53,24 @@ def test_a_study_runs_continues_and_leaves_its_results(tmp_path):
         "trainer.warmup_steps.png",
     }
     card = (out / f"trial-{best.number}" / "README.md").read_text()
-    assert "## Hyperparameter search" in card and "Best of 2 trials" in card
+    assert "## Hyperparameter search" in card and "Best of 3 trials" in card
 
     # The same command on the folder continues the study up to the new count; nothing is repeated.
-    again = tuning.plan(tuning.load(out, []), 3, None, None)
+    again = tuning.plan(tuning.load(out, []), 4, None, None)
     assert again.storage == f"sqlite:///{(out / 'study.db').resolve()}" and again.study == "study"
     tuning.run(again)
     rows = _trials(out)
-    assert [r["number"] for r in rows] == [0, 1, 2] and all(r["state"] == "complete" for r in rows)
-    assert rows[2]["params"] not in (rows[0]["params"], rows[1]["params"])  # a seeded sampler does not replay
-    assert rows[:2] == [{**r} for r in _trials(out)[:2]]
+    assert [r["number"] for r in rows] == [0, 1, 2, 3] and all(r["state"] == "complete" for r in rows)
+    assert rows[3]["params"] not in [r["params"] for r in rows[:3]]  # a seeded sampler does not replay
     tuning.run(again)  # already there: no trial runs
-    assert len(_trials(out)) == 3
+    assert _trials(out) == rows
 
 
 def test_a_trial_left_running_by_a_dead_process_is_failed_and_retried(tmp_path):
     out = tmp_path / "study"
     p = _plan(out, 1)
     p.folder.mkdir(parents=True)
-    study, _ = tuning.open_study(p)
+    study, _ = tune_study.open_study(p, quiet=())
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     with pytest.warns(UserWarning, match="Heartbeat of storage is supposed to be used with Study.optimize"):
@@ -121,7 +121,10 @@ def test_the_pruner_hears_each_evaluation_once_and_stops_training():
         listener.on_evaluate(None, state, control, metrics={"eval_accuracy": step / 10})
         if step == 2:
             assert not control.should_training_stop
-    assert reports == [(2, 0.2), (4, 0.4)] and listener.pruned_at == 4
+    assert reports == [(1, 0.2), (2, 0.4)] and listener.pruned_at == 2  # by evaluation, not by step
+    with pytest.raises(RecipeError, match="tune.objective eval_accuracy is not among the evaluation's metrics"):
+        fresh = tuning.pruning_callback(trial, "eval_accuracy")
+        fresh.on_evaluate(None, SimpleNamespace(global_step=2, max_steps=8), control, metrics={"eval_f1": 0.5})
 
 
 def test_dry_run_and_a_folder_that_is_no_study(tmp_path):
