@@ -118,6 +118,9 @@ def model_for_training(
         from llmkit import fastdropout
 
         fastdropout.install(model, choose_attention=recipe.model.attn_implementation is None)
+    if "ddp_find_unused_parameters" not in recipe.trainer:
+        # DDP searches the autograd graph for parameters without a gradient at every step only where some exist.
+        args.ddp_find_unused_parameters = modeling.has_unused_parameters(model)
     trainable, total = modeling.count_parameters(model)
     log.info(
         "Model %s: %s parameters, %s trainable (%.2f%%)",

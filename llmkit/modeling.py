@@ -361,6 +361,17 @@ def head_kwargs(task: Task, recipe: Recipe) -> dict:
     return task.model_kwargs(recipe)
 
 
+def has_unused_parameters(model: Any) -> bool:
+    """Whether a trainable parameter gets no gradient in a training step, so that DDP must look for such
+    parameters at every step (`ddp_find_unused_parameters`). llmkit's models use all of theirs except one: the
+    pooler of a BERT-style encoder in an encoder-decoder model (bert2bert), whose decoder reads hidden states."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base.config, "is_encoder_decoder", False):
+        return False
+    pooler = getattr(getattr(base, "encoder", None), "pooler", None)
+    return pooler is not None and any(p.requires_grad for p in pooler.parameters())
+
+
 def count_parameters(model: Any) -> tuple[int, int]:
     """(trainable, total) parameter counts; tied weights are counted once."""
     seen, trainable, total = set(), 0, 0

@@ -32,6 +32,8 @@ def test_torchrun_two_processes_matches_single_process_eval(tmp_path, monkeypatc
     ]
     proc = subprocess.run(launch + recipe + settings, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # Every trainable parameter gets a gradient: DDP is not told to search for unused ones at every step.
+    assert "find_unused_parameters=True was specified" not in proc.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2
     assert summary["global_batch_size"] == 2 * 16 * 2  # processes x per-device batch x accumulation

@@ -77,3 +77,32 @@ def test_the_base_of_a_lora_run(loads, tmp_path, monkeypatch):
     assert loads == [
         ("AutoModelForSequenceClassification", ("org/base",), {"config": "the run's base config", **PINNED})
     ]
+
+
+def _tiny(kind):
+    import transformers as t
+
+    bert = dict(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    if kind == "classification":
+        return t.BertForSequenceClassification(t.BertConfig(**bert)), {"labels": [1, 0]}
+    if kind == "bert2bert":
+        enc, dec = t.BertConfig(**bert), t.BertConfig(**bert, is_decoder=True, add_cross_attention=True)
+        model = t.EncoderDecoderModel(config=t.EncoderDecoderConfig.from_encoder_decoder_configs(enc, dec))
+        model.config.decoder_start_token_id, model.config.pad_token_id = 1, 0
+        return model, {"labels": [[3, 4, 5], [6, 7, 8]]}
+    cfg = t.T5Config(vocab_size=50, d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2, decoder_start_token_id=0)
+    return t.T5ForConditionalGeneration(cfg), {"labels": [[3, 4, 5], [6, 7, 8]]}
+
+
+@pytest.mark.parametrize("kind", ["classification", "bert2bert", "t5"])
+def test_unused_parameters_are_known_without_running_a_step(kind):
+    # What DDP's find_unused_parameters would search for at every step, checked against a real backward.
+    import torch
+
+    model, labels = _tiny(kind)
+    ids = torch.tensor([[2, 5, 6, 7], [2, 8, 9, 3]])
+    model(input_ids=ids, labels=torch.tensor(labels["labels"])).loss.backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert bool(unused) == modeling.has_unused_parameters(model) == (kind == "bert2bert")
+    if unused:
+        assert all(".pooler." in n for n in unused)
