@@ -105,6 +105,9 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=872, help="validation rows to predict (default: all 872)")
     a = p.parse_args()
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    from llmkit.console import basic_logging
+
+    basic_logging()  # llmkit's quiet levels for the libraries' import-time warnings (torchao)
     OUT.mkdir(parents=True, exist_ok=True)
     run = a.run or OUT / "infer-sst2"
     if a.run is None:
