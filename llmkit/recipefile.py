@@ -126,12 +126,15 @@ def _read_mapping(path: Path) -> dict:
     return data
 
 
-def deep_merge(base: dict, over: dict) -> dict:
-    """Merge `over` into a copy of `base`: mappings merge key by key, anything else is replaced."""
+def deep_merge(base: dict, over: dict, top: bool = True) -> dict:
+    """Merge `over` into a copy of `base`: mappings merge key by key, anything else is replaced. The entries of
+    `search:` are replaced whole: a space of another kind ({choice: ...} over {float: ...}) is not a mix of both."""
     out = copy.deepcopy(base)
     for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
+        if top and key == "search" and isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **copy.deepcopy(value)}
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value, top=False)
         else:
             out[key] = copy.deepcopy(value)
     return out

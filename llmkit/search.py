@@ -86,7 +86,8 @@ def parse_search(search: Any) -> list[Space]:
         raise RecipeError(
             "llmkit tune needs a search: section, e.g. search: {trainer.learning_rate: {float: [1.0e-5, 1.0e-3], log: true}}"
         )
-    return [parse_space(key, spec) for key, spec in _flat(search, "")]
+    spaces = dict(_flat(search, ""))  # a key given twice (dotted, then nested by an override): the later wins
+    return [parse_space(key, spec) for key, spec in spaces.items()]
 
 
 def _flat(mapping: dict, prefix: str) -> list[tuple[str, Any]]:

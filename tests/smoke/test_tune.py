@@ -133,3 +133,14 @@ def test_dry_run_and_a_folder_that_is_no_study(tmp_path):
     assert "maximize eval_accuracy over 4 trials" in text
     with pytest.raises(LlmkitError, match="holds no tune.yaml, so it is not a study folder"):
         tuning.load(tmp_path, [])
+
+
+def test_an_extending_recipe_or_an_override_replaces_a_space_whole(tmp_path, write):
+    child = write("child.yaml", f"extends: {TINY}\nsearch:\n  trainer.learning_rate: {{choice: [0.001, 0.01]}}\n")
+    p = tuning.plan(tuning.load(child, [f"trainer.output_dir={tmp_path / 's'}"]), 2, None, None)
+    spaces = {s.key: (s.kind, s.edges()) for s in p.spaces}
+    assert spaces["trainer.learning_rate"] == ("choice", [0.001, 0.01])  # not mixed with the parent's float
+    assert spaces["trainer.warmup_steps"] == ("choice", [0.0, 0.1])  # the parent's other entry stays
+    p = _plan(tmp_path / "o", 2, "search.trainer.learning_rate={float: [0.001, 0.002]}")
+    assert [(s.key, s.kind, s.low) for s in p.spaces][0] == ("trainer.learning_rate", "float", 0.001)
+    assert len(p.spaces) == 2
