@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from llmkit import onnxrt
-from llmkit.errors import LlmkitError
+from llmkit.errors import LlmkitError, first_line
 
 OPSET = 18
 PARITY_ROWS = 256
@@ -110,9 +110,8 @@ def write_onnx(model: Any, names: list[str], path: Path) -> None:
                 verbose=False,
             )
         except Exception as e:  # the exporter's errors name the unsupported op; say which model it was
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise LlmkitError(
-                f"torch.onnx.export cannot trace {type(model).__name__} ({first}); export it as PyTorch instead"
+                f"torch.onnx.export cannot trace {type(model).__name__} ({first_line(e)}); export it as PyTorch instead"
             ) from None
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from llmkit.errors import LlmkitError
+from llmkit.errors import LlmkitError, first_line
 
 MODEL_FILE = "model.onnx"
 EXPORT_FILE = "export.json"
@@ -57,5 +57,4 @@ def session(path: Path, threads: int | None = None) -> Any:
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf types for damaged files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LlmkitError(f"{path} is not a loadable ONNX model ({first}); export it again") from None
+        raise LlmkitError(f"{path} is not a loadable ONNX model ({first_line(e)}); export it again") from None
