@@ -18,6 +18,7 @@ from llmkit.memory import keep_freed_memory
 from llmkit.metrics import with_perplexity
 from llmkit.recipe import Recipe
 from llmkit.recipefile import dump_yaml
+from llmkit.sharding import ShardsOnCpu, gather_full_model
 from llmkit.tasks import get_task
 
 if TYPE_CHECKING:
@@ -167,10 +168,11 @@ def build_trainer(
 
 
 def trainer_class(task: Task) -> type:
-    """The Trainer class for a task: Seq2SeqTrainer for seq2seq tasks, atomic checkpoints, the task's loss hook."""
+    """The Trainer class for a task: Seq2SeqTrainer for seq2seq tasks, atomic checkpoints, FSDP on CPU, the loss hook."""
     import transformers
 
     base = trainer_with_atomic_checkpoints(transformers.Seq2SeqTrainer if task.seq2seq else transformers.Trainer)
+    base = type(base.__name__, (ShardsOnCpu, base), {})  # FSDP on CPU processes too
     if task.compute_loss is None:
         return base
     hook = task.compute_loss
@@ -284,6 +286,7 @@ def _fit(trainer: Any, ckpt: Path | None) -> dict:
     if stopper.stopped:
         saved = last_checkpoint(out)
         raise Interrupted(f"stopped at step {trainer.state.global_step}; checkpoint saved in {saved}")
+    gather_full_model(trainer)
     with saving("the final model", out):
         trainer.save_model()
     if trainer.is_world_process_zero():

@@ -65,6 +65,8 @@ def check_hf_kwargs(cls: type, kwargs: dict, path: str) -> None:
             shown = show(f"{path}.{key}")
             raise RecipeError(f"unknown key {shown}{suggest(str(key), fields)} (not a {cls.__name__} field)")
         tp = hints.get(key)
+        if isinstance(value, bool) and isinstance(fields[key].metadata.get("const"), bool):
+            continue  # a flag typed str for its legacy string form, e.g. fsdp: true
         members = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
         if tp is not None and all(checkable(m) for m in members):
             check_value(value, tp, f"{path}.{key}")

@@ -272,6 +272,12 @@ def recipe_for_evaluation(target: Path, overrides: list[str]) -> Recipe:
                 "pass a recipe file instead (with model.name_or_path=CHECKPOINT)"
             )
         if not any((target / f).exists() for f in ("config.json", "adapter_config.json")):
+            if any(target.glob("pytorch_model_fsdp_*")):
+                raise LlmkitError(
+                    f"{target} is a sharded FSDP checkpoint (one shard per process), not a model; finish the run "
+                    "with `--resume` for a whole model, or save checkpoints whole: trainer.fsdp_config.state_dict_type: "
+                    "FULL_STATE_DICT"
+                )
             raise LlmkitError(
                 f"{target} holds no trained model (the run did not finish); "
                 f"finish it with `llmkit ... --resume`, or evaluate a checkpoint folder in it"
