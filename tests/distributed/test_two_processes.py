@@ -70,19 +70,22 @@ def test_accelerate_launch_with_the_shipped_cpu_config_runs_two_processes(tmp_pa
     assert proc.stdout.count("Done in") == 1  # only rank 0 reports
 
 
-# Every rank, at step LLMKIT_TEST_KILL_AT, SIGKILLs the torchrun launcher's process group and then itself:
-# what a scheduler does to a job (the launcher and every worker), with checkpoint-4 complete and step 6 not.
-KILL_ALL = """
+# At step LLMKIT_TEST_KILL_AT: with LLMKIT_TEST_KILL=all, every rank SIGKILLs the torchrun launcher's process group
+# and then itself: what a scheduler does to a job, with checkpoint-4 complete and step 6 not. With
+# LLMKIT_TEST_KILL=one, rank 1 alone dies, on torchrun's first attempt only: a worker lost, the launcher alive.
+KILL = """
 import os, signal, sys
 import llmkit.interrupt as it
-at = int(os.environ["LLMKIT_TEST_KILL_AT"])
+at, who = int(os.environ["LLMKIT_TEST_KILL_AT"]), os.environ["LLMKIT_TEST_KILL"]
 step_end = it.StopOnSignal.on_step_end
 def on_step_end(self, args, state, control, **kw):
-    if state.global_step == at:
+    if state.global_step == at and who == "all":
         try:
             os.killpg(os.getpgid(os.getppid()), signal.SIGKILL)
         finally:
             os.kill(os.getpid(), signal.SIGKILL)
+    if state.global_step == at and os.environ["RANK"] == "1" and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
+        os.kill(os.getpid(), signal.SIGKILL)
     return step_end(self, args, state, control, **kw)
 it.StopOnSignal.on_step_end = on_step_end
 from llmkit.cli import main
@@ -91,13 +94,19 @@ main()
 """
 
 
-def _torchrun(out, script_env=None, extra=()):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(script_env or {})}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
-    program = ["--no-python", sys.executable, "-c", KILL_ALL] if script_env else ["-m", "llmkit"]
+def _torchrun(out, kill=None, extra=(), elastic=False):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if kill:
+        env |= {"LLMKIT_TEST_KILL_AT": "5", "LLMKIT_TEST_KILL": kill}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    if elastic:  # what the README says for restarts: a fresh rendezvous store per attempt
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+        launch += ["--standalone", "--max-restarts", "1"]
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            launch += ["--master_port", str(s.getsockname()[1])]
+    program = ["--no-python", sys.executable, "-c", KILL] if kill else ["-m", "llmkit"]
     settings = ["pretrain", "recipes/tiny/gpt2.yaml", f"trainer.output_dir={out}", "trainer.max_steps=6"]
     settings += ["trainer.save_steps=2", "trainer.save_total_limit=5", "trainer.logging_steps=1", *extra]
     return subprocess.run(
@@ -111,23 +120,35 @@ def _torchrun(out, script_env=None, extra=()):
     )
 
 
-def test_sigkill_of_a_two_process_run_then_resume_is_exact(tmp_path):
+def _same_run(tmp_path, a: str, b: str) -> None:
+    """Runs a and b end with the same weights (< 1e-6) and log the same losses after step 4."""
     from safetensors.torch import load_file
 
+    wa, wb = load_file(tmp_path / a / "model.safetensors"), load_file(tmp_path / b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    assert max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa) < 1e-6
+    logs = [json.loads((tmp_path / r / "trainer_state.json").read_text())["log_history"] for r in (a, b)]
+    losses = [{h["step"]: h["loss"] for h in log if "loss" in h and h["step"] > 4} for log in logs]
+    assert losses[0] == losses[1] and losses[0]
+
+
+def test_sigkill_of_a_two_process_run_then_resume_is_exact(tmp_path):
     whole = _torchrun(tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr[-3000:]
-    killed = _torchrun(tmp_path / "killed", {"LLMKIT_TEST_KILL_AT": "5"})
+    killed = _torchrun(tmp_path / "killed", kill="all")
     assert killed.returncode != 0 and not (tmp_path / "killed" / "summary.json").exists()
     assert sorted(p.name for p in (tmp_path / "killed").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     resumed = _torchrun(tmp_path / "killed", extra=["--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "killed" / "model.safetensors")
-    assert a.keys() == b.keys()
-    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-6
-    state = json.loads((tmp_path / "killed" / "trainer_state.json").read_text())
-    whole_state = json.loads((tmp_path / "whole" / "trainer_state.json").read_text())
-    losses = {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h and h["step"] > 4}
-    assert losses == {h["step"]: h["loss"] for h in whole_state["log_history"] if "loss" in h and h["step"] > 4}
+    _same_run(tmp_path, "whole", "killed")
+
+    # torchrun --max-restarts 1, one worker SIGKILLed at step 5: the launcher restarts both workers, which
+    # resume from checkpoint-4 by themselves (same command) and end where the uninterrupted run ended.
+    restarted = _torchrun(tmp_path / "restarted", kill="one", elastic=True)
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    assert "torchrun restarted this worker (restart 1 of 1)" in restarted.stderr
+    assert "Resuming the unfinished run" in restarted.stderr and "from checkpoint-4" in restarted.stderr
+    _same_run(tmp_path, "whole", "restarted")
 
 
 def test_torchrun_two_processes_distil_from_a_teacher(tmp_path, monkeypatch):
