@@ -18,7 +18,7 @@ from llmkit.memory import keep_freed_memory
 from llmkit.metrics import with_perplexity
 from llmkit.recipe import Recipe
 from llmkit.recipefile import dump_yaml
-from llmkit.sharding import ShardsOnCpu, gather_full_model
+from llmkit.sharding import SavesOnEachNode, ShardsOnCpu, gather_full_model
 from llmkit.tasks import get_task
 
 if TYPE_CHECKING:
@@ -114,7 +114,7 @@ def model_for_training(
     if wipe:
         rundir.wipe(recipe.output_dir, args)
     if recipe.lora is not None:
-        model = modeling.apply_lora(model, recipe, recipe.output_dir if args.process_index == 0 else None)
+        model = modeling.apply_lora(model, recipe, recipe.output_dir if args.should_save else None)
     if recipe.model.fast_dropout and args.use_cpu and not args.torch_compile:  # inductor fuses its own dropout
         from llmkit import fastdropout
 
@@ -172,7 +172,7 @@ def trainer_class(task: Task) -> type:
     import transformers
 
     base = trainer_with_atomic_checkpoints(transformers.Seq2SeqTrainer if task.seq2seq else transformers.Trainer)
-    base = type(base.__name__, (ShardsOnCpu, base), {})  # FSDP on CPU processes too
+    base = type(base.__name__, (ShardsOnCpu, SavesOnEachNode, base), {})  # FSDP on CPU, a copy on each node
     if task.compute_loss is None:
         return base
     hook = task.compute_loss
@@ -264,8 +264,9 @@ def mean_tokens(ds: Any) -> float | None:
 
 
 def _start_run_folder(trainer: Any, recipe: Recipe, report: dict) -> None:
-    """Before the first step: the resolved recipe (which marks the folder as an llmkit run) and the preflight."""
-    if trainer.is_world_process_zero():
+    """Before the first step: the resolved recipe (which marks the folder as an llmkit run) and the preflight,
+    in every folder that saves (each node's with trainer.save_on_each_node)."""
+    if trainer.args.should_save:
         out = recipe.output_dir
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.yaml").write_text(dump_yaml(rundir.resolved_dict(recipe)), encoding="utf-8")
@@ -289,7 +290,7 @@ def _fit(trainer: Any, ckpt: Path | None) -> dict:
     gather_full_model(trainer)
     with saving("the final model", out):
         trainer.save_model()
-    if trainer.is_world_process_zero():
+    if trainer.args.should_save:
         drop_pickled_args(out)
     return dict(result.metrics)
 
@@ -306,20 +307,21 @@ def _final_evaluation(trainer: Any, task: Task) -> dict:
 
 
 def _finish(trainer: Any, recipe: Recipe, task: Task, train_metrics: dict, eval_metrics: dict, facts: dict) -> dict:
-    """The run's outputs (state, metrics, summary, plots, model card), summary.json last; returns the summary."""
-    if not trainer.is_world_process_zero():
+    """The run's outputs (state, metrics, summary, plots, model card), summary.json last, in every folder that
+    saves; returns the summary on the main process (the one that reports), {} on the others."""
+    if not trainer.args.should_save:
         return {}
     from llmkit.report import write_run_report
 
     out = recipe.output_dir
-    trainer.save_state()
+    trainer.state.save_to_json(str(out / "trainer_state.json"))  # save_state() writes on rank 0 only
     write_json(out / "train_results.json", train_metrics)
     if eval_metrics:
         write_json(out / "eval_validation.json", eval_metrics)
     summary = rundir.summarize(recipe, task, trainer, train_metrics, eval_metrics, **facts)
     write_run_report(out, recipe, task, summary)
     write_json(out / rundir.FINISHED, summary)  # last: its presence marks the run finished
-    return summary
+    return summary if trainer.is_world_process_zero() else {}
 
 
 # --------------------------------------------------------------------------- evaluate

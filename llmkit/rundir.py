@@ -200,12 +200,34 @@ def plan_run(recipe: Recipe, overwrite: bool, resume: bool) -> tuple[Path | None
                 f"--overwrite would delete {ckpt}, the checkpoint trainer.resume_from_checkpoint names; "
                 "resume into another trainer.output_dir, or drop --overwrite"
             )
-    return ckpt, wipe
+    return _agreed(ckpt, recipe), wipe
+
+
+def _agreed(ckpt: Path | None, recipe: Recipe) -> Path | None:
+    """Every process resumes from the same step: nodes without a shared filesystem (save_on_each_node) each
+    choose from their own copy, and a damaged checkpoint on one node must not split the run."""
+    args = recipe.args
+    if args.world_size == 1:
+        return ckpt
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return ckpt
+    names: list = [None] * args.world_size
+    dist.all_gather_object(names, ckpt.name if ckpt else None)
+    if len(set(names)) > 1:
+        seen = ", ".join(sorted({str(n or "a fresh start") for n in names}))
+        raise LlmkitError(
+            f"the processes would resume from different checkpoints ({seen}) of {recipe.output_dir}: each node "
+            "reads its own copy (save_on_each_node); copy the newest complete checkpoint to every node, or name "
+            "one with trainer.resume_from_checkpoint=PATH"
+        )
+    return ckpt
 
 
 def wipe(out: Path, args: Any) -> None:
     """--overwrite (checked by plan_output_dir): delete the previous run; every rank waits for it."""
-    if args.process_index == 0:  # every rank decided the same; only the main process deletes
+    if args.should_save:  # every rank decided the same; the main process (of each node that saves) deletes
         log.warning("--overwrite: deleting the previous contents of %s", out)
         shutil.rmtree(out)
     if args.world_size > 1:

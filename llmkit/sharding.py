@@ -1,4 +1,5 @@
-"""FSDP through the Trainer: on CPU processes too, and a whole model at the end of a sharded run.
+"""Saving a distributed run: FSDP on CPU processes too, a whole model at the end of a sharded run, and a copy
+on every node with trainer.save_on_each_node.
 
 Accelerate turns FSDP on only for accelerator devices (CUDA, XPU, NPU, ...): on CPU processes (gloo) it
 drops the FSDP plugin and quietly trains with DDP, although PyTorch's FSDP2 (`fully_shard`) runs on CPU
@@ -64,3 +65,22 @@ def gather_full_model(trainer: Any) -> None:
         plugin = trainer.accelerator.state.fsdp_plugin
         if "FULL_STATE_DICT" not in str(plugin.state_dict_type):
             plugin.set_state_dict_type("FULL_STATE_DICT")
+
+
+class SavesOnEachNode:
+    """Trainer mixin: with trainer.save_on_each_node, each node's main process writes the model again.
+
+    transformers 5's `save_pretrained` writes only on global rank 0 once a process group exists
+    (`should_save_on_this_rank`), whatever `is_main_process` says: the other nodes' checkpoints had an
+    optimizer but no weights or config, and resuming there failed ("Can't find a valid checkpoint").
+    """
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not (self.args.save_on_each_node and self.args.should_save and not self.is_world_process_zero()):
+            return super()._save(output_dir, state_dict)
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        model.should_save_on_this_rank = lambda is_main_process: is_main_process  # this node's own copy
+        try:
+            return super()._save(output_dir, state_dict)
+        finally:
+            del model.should_save_on_this_rank
