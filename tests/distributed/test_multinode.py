@@ -16,17 +16,26 @@ from llmkit import engine, rundir
 pytestmark = pytest.mark.distributed
 
 
-def test_two_launchers_on_the_loopback_address_train_one_run(tmp_path, monkeypatch):
+TORCHRUN = ["torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--master_addr", "127.0.0.1"]
+ACCELERATE = ["accelerate.commands.launch", "--config_file", "recipes/accelerate/multi-node.yaml"]
+ACCELERATE += ["--num_processes", "2", "--mixed_precision", "no", "--main_process_ip", "127.0.0.1"]
+
+
+@pytest.mark.parametrize(
+    "launcher, rank_flag, port_flag",
+    [(TORCHRUN, "--node_rank", "--master_port"), (ACCELERATE, "--machine_rank", "--main_process_port")],
+    ids=["torchrun", "accelerate-multi-node-config"],
+)
+def test_two_launchers_on_the_loopback_address_train_one_run(tmp_path, monkeypatch, launcher, rank_flag, port_flag):
     out = tmp_path / "multinode"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
-    nodes = ["--nnodes", "2", "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port]
     program = ["-m", "llmkit", "finetune", "recipes/tiny/classification.yaml", f"trainer.output_dir={out}"]
     launchers = [
         subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", *nodes, "--node_rank", str(rank), *program],
+            [sys.executable, "-m", *launcher, port_flag, port, rank_flag, str(rank), *program],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,

@@ -52,15 +52,24 @@ def test_torchrun_two_processes_matches_single_process_eval(tmp_path, monkeypatc
     assert all(h["loss"] < 1.5 * single["eval_loss"] + 1 for h in history if "loss" in h)
 
 
-def test_accelerate_launch_with_the_shipped_cpu_config_runs_two_processes(tmp_path):
-    """`accelerate launch --config_file recipes/accelerate/cpu-2proc.yaml`, as the README says: world size 2."""
+@pytest.mark.parametrize(
+    "config, flags",
+    [
+        ("cpu-2proc.yaml", []),
+        # The 8-GPU config, sized to this machine on the command line: accelerate starts the processes with
+        # torchrun, and llmkit, finding no GPU, trains on the CPU with gloo.
+        ("multi-gpu.yaml", ["--num_processes", "2", "--mixed_precision", "no"]),
+    ],
+)
+def test_accelerate_launch_with_a_shipped_config_runs_two_processes(tmp_path, config, flags):
+    """`accelerate launch --config_file recipes/accelerate/CONFIG`, as the README says: world size 2."""
     out = tmp_path / "acc"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "recipes/accelerate/cpu-2proc.yaml"]
-    launch += ["--main_process_port", port, "-m", "llmkit", "finetune", "recipes/tiny/classification.yaml"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"recipes/accelerate/{config}"]
+    launch += [*flags, "--main_process_port", port, "-m", "llmkit", "finetune", "recipes/tiny/classification.yaml"]
     proc = subprocess.run(
         [*launch, f"trainer.output_dir={out}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
