@@ -177,7 +177,12 @@ def training_arguments(cls: type, trainer: dict) -> Any:
     note = restarted_worker_note()
     if note and os.environ.get("LOCAL_RANK", "0") == "0":
         log.warning(note)  # before the process group is joined: where a restart can hang
-    return construct(cls, {**trainer, **runtime_settings(trainer)}, "trainer")
+    args = construct(cls, {**trainer, **runtime_settings(trainer)}, "trainer")
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launcher != "no" and not (trainer.get("bf16") or trainer.get("fp16")):
+        # transformers takes accelerate launch's --mixed_precision when the recipe sets neither flag true.
+        log.warning("accelerate launch's mixed_precision %s applies: the recipe's trainer.bf16/fp16 are off", launcher)
+    return args
 
 
 def lora_config(peft_section: dict, task_type: str) -> Any:

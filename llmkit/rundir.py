@@ -269,7 +269,7 @@ def summarize(
         "epochs": trainer.state.epoch,
         "world_size": args.world_size,
         "global_batch_size": global_batch_size(args),
-        "bf16": bool(args.bf16),
+        "bf16": getattr(args, "mixed_precision", None) == "bf16" or bool(args.bf16),  # what ran, launcher included
         "wall_time_s": round(wall, 2),
         "train_runtime_s": train_metrics.get("train_runtime"),
         "train_samples_per_second": samples_s,

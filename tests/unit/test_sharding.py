@@ -26,3 +26,12 @@ def test_a_sharded_checkpoint_is_named_with_the_fix(tmp_path):
     (ckpt / "recipe.yaml").write_text((RECIPES / "tiny" / "gpt2.yaml").read_text())
     with pytest.raises(LlmkitError, match="is a sharded FSDP checkpoint .*--resume.*FULL_STATE_DICT"):
         rundir.recipe_for_evaluation(ckpt, [])
+
+
+def test_the_launchers_mixed_precision_is_said_and_reported(monkeypatch, caplog):
+    """accelerate launch --mixed_precision bf16 wins over trainer.bf16=false in transformers: say so, report it."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    with caplog.at_level("WARNING", logger="llmkit"):
+        args = resolve(load_recipe(RECIPES / "tiny" / "gpt2.yaml", ["trainer.bf16=false"])).args
+    assert args.mixed_precision == "bf16" and not args.bf16
+    assert "accelerate launch's mixed_precision bf16 applies" in caplog.text
