@@ -4,7 +4,7 @@ on every node with trainer.save_on_each_node.
 Accelerate turns FSDP on only for accelerator devices (CUDA, XPU, NPU, ...): on CPU processes (gloo) it
 drops the FSDP plugin and quietly trains with DDP, although PyTorch's FSDP2 (`fully_shard`) runs on CPU
 with gloo. `ShardsOnCpu` is a Trainer mixin that keeps the plugin there (FSDP2 only), so `trainer.fsdp`
-and `accelerate launch --config_file recipes/accelerate/fsdp.yaml --cpu` shard for real on a CPU
+and `accelerate launch --config_file recipes/accelerate/fsdp.yaml --num_processes 2` shard for real on a CPU
 machine and the test suite runs the FSDP code paths (sharded checkpoints, resume, the gathered final
 model) that GPU users depend on.
 """
