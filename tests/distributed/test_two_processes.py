@@ -104,10 +104,9 @@ main()
 
 
 def _torchrun(out, kill=None, extra=(), elastic=False):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if kill:
-        env |= {"LLMKIT_TEST_KILL_AT": "5", "LLMKIT_TEST_KILL": kill}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    """The tiny GPT-2 recipe under torchrun, 2 processes; `kill`: see KILL; `elastic`: --max-restarts 1."""
+    env = {}
+    launch = ["torch.distributed.run", "--nproc_per_node", "2"]
     if elastic:  # what the README says for restarts: a fresh rendezvous store per attempt
         env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
         launch += ["--standalone", "--max-restarts", "1"]
@@ -115,11 +114,19 @@ def _torchrun(out, kill=None, extra=(), elastic=False):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             launch += ["--master_port", str(s.getsockname()[1])]
+    return _launch(launch, out, kill, extra, env)
+
+
+def _launch(launch, out, kill=None, extra=(), env=None):
+    """The tiny GPT-2 recipe (6 steps, a checkpoint every 2) into `out`, under `python -m LAUNCH...`."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    if kill:
+        env |= {"LLMKIT_TEST_KILL_AT": "5", "LLMKIT_TEST_KILL": kill}
     program = ["--no-python", sys.executable, "-c", KILL] if kill else ["-m", "llmkit"]
     settings = ["pretrain", "recipes/tiny/gpt2.yaml", f"trainer.output_dir={out}", "trainer.max_steps=6"]
     settings += ["trainer.save_steps=2", "trainer.save_total_limit=5", "trainer.logging_steps=1", *extra]
     return subprocess.run(
-        launch + program + settings,
+        [sys.executable, "-m", *launch, *program, *settings],
         cwd=ROOT,
         env=env,
         capture_output=True,
