@@ -74,7 +74,7 @@ class _NoReadErrorLog:
         return not str(record.msg).startswith(("Failed to read file", "Failed to load JSON", "Failed to convert"))
 
 
-def _load_files(files: dict[str, list[str]]) -> DatasetDict:
+def _load_files(files: dict[str, list[str]], streaming: bool = False) -> DatasetDict:
     import logging
 
     from datasets import DatasetDict, load_dataset
@@ -102,10 +102,10 @@ def _load_files(files: dict[str, list[str]]) -> DatasetDict:
                 raise DataError(f"data.{split} files use different separators ({shown}); use one per split")
             kwargs["delimiter"] = delimiters.pop()
         try:
-            out[split] = load_dataset(fmt, data_files={split: paths}, split=split, **kwargs)
+            out[split] = load_dataset(fmt, data_files={split: paths}, split=split, streaming=streaming, **kwargs)
         except Exception as e:  # noqa: BLE001 - pyarrow/pandas parse errors come in many types
             raise read_error(fmt, paths, split, e) from None
-    return DatasetDict(out)
+    return out if streaming else DatasetDict(out)
 
 
 def check_load(load: dict) -> None:
@@ -153,11 +153,11 @@ def _builder_config_fields(path: str) -> set[str] | None:
     return {f.name for f in dataclasses.fields(config_class)} if config_class else set()
 
 
-def _load_hub(load: dict) -> DatasetDict:
-    from datasets import Dataset, DatasetDict, load_dataset
+def _load_hub(load: dict, streaming: bool = False) -> DatasetDict:
+    from datasets import Dataset, DatasetDict, IterableDataset, load_dataset
 
     try:
-        ds = load_dataset(**load)
+        ds = load_dataset(**load, **({"streaming": True} if streaming else {}))
     except TypeError as e:
         raise DataError(f"data.load: {e}") from None
     except Exception as e:  # noqa: BLE001 - network, missing-dataset and config errors differ by version
@@ -169,10 +169,14 @@ def _load_hub(load: dict) -> DatasetDict:
         )
         first = first_line(e)
         raise DataError(f"cannot load dataset {load.get('path')!r}: {first}{hint}") from None
-    if isinstance(ds, Dataset):
-        ds = DatasetDict({"train": ds})
+    if isinstance(ds, (Dataset, IterableDataset)):
+        ds = {"train": ds} if streaming else DatasetDict({"train": ds})
+    if streaming:
+        return dict(ds)
     if not isinstance(ds, DatasetDict):
-        raise DataError("data.load must give a (map-style) dataset; streaming is not supported")
+        raise DataError(
+            "data.load must give a map-style dataset; to stream a corpus set data.streaming=true, not data.load.streaming"
+        )
     return ds
 
 
@@ -237,6 +241,35 @@ def load_splits(recipe: Recipe, seed: int = 42) -> DatasetDict:
     return ds
 
 
+def load_streams(recipe: Recipe) -> dict[str, Any]:
+    """The recipe's splits as streams (datasets IterableDataset, data.streaming): nothing is read but the first
+    bytes of each local file (checked as for a run in memory)."""
+    d = recipe.data
+    streams: dict[str, Any] = {}
+    if d.train is None and d.source == "pydoc":
+        streams = _load_files({"train": [str(pydoc_corpus_file())]}, streaming=True)
+    elif d.train is None and d.load is not None:
+        streams = _load_hub(d.load, streaming=True)
+    streams.update(_load_files(_local_files(recipe), streaming=True))
+    streams = {_SPLIT_ALIASES.get(k, k): v for k, v in streams.items()}
+    if "train" not in streams:
+        raise DataError(
+            f"the data has no train split (found: {', '.join(streams) or 'none'}); name one with data.train=path"
+        )
+    return streams
+
+
+def identity(recipe: Recipe) -> dict:
+    """What names a recipe's corpus without reading it (a stream has no fingerprint): its local files with their
+    sizes and modification times, or its data.load / data.source."""
+    files = {}
+    for split in SPLITS:
+        for p in recipe.data.files(split):
+            st = Path(p).stat() if Path(p).is_file() else None
+            files[p] = [st.st_size, st.st_mtime_ns] if st else None
+    return {"files": files, "load": recipe.data.load, "source": recipe.data.source}
+
+
 def row_number(ds: Dataset, position: int) -> int:
     """The source row number (1-based) of the row at `position` of a split (its position + 1 if it has none)."""
     return ds[position][ROW] if ROW in ds.column_names else position + 1
@@ -247,12 +280,20 @@ def row_numbers(ds: Dataset) -> list[int]:
     return ds[ROW] if ROW in ds.column_names else list(range(1, len(ds) + 1))
 
 
+def columns_of(ds: Any) -> list[str]:
+    """A split's column names; a stream whose files do not declare them (text, JSON lines) shows its first row."""
+    if ds.column_names is not None:
+        return list(ds.column_names)
+    return list(next(iter(ds.take(1)), {}).keys())
+
+
 def require_columns(ds: Dataset, needed: dict[str, str], where: str) -> None:
     """Fail with the columns found when a role's column (data.columns.ROLE) is missing from `where` (a split,
-    named with its files by split_origin)."""
-    shown = [c for c in ds.column_names if c != ROW]
+    named with its files by split_origin; a map-style split or a stream)."""
+    names = columns_of(ds)
+    shown = [c for c in names if c != ROW]
     for role, column in needed.items():
-        if column not in ds.column_names:
+        if column not in names:
             raise DataError(
                 f"{where} has no column {column!r} for {role} (columns found: {', '.join(shown)}); "
                 f"set data.columns.{role}=COLUMN"

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmkit import distill, modeling, onnxrt, preflight, rundir
+from llmkit import distill, modeling, onnxrt, preflight, rundir, streams
 from llmkit.checkpoints import drop_pickled_args, last_checkpoint, saving, trainer_with_atomic_checkpoints
 from llmkit.config import resolve
 from llmkit.errors import Interrupted, RecipeError
@@ -41,6 +41,12 @@ def prepare_data(
     """
     from datasets import DatasetDict
 
+    if recipe.data.streaming:
+        with args.main_process_first(desc="opening the stream"):  # a tokenizer trained on it: once, then cached
+            tokenizer, tokenized, facts = streams.load(recipe, task, args, only=only)
+        if report is not None:
+            report.update(facts)
+        return None, tokenizer, tokenized
     with args.main_process_first(desc="loading and tokenizing data"):
         raw, tokenizer = preflight.load_data(recipe, task, need=only)
         if report is not None:
@@ -59,9 +65,12 @@ def estimate(recipe: Recipe, task: Task, tokenizer: Any, tokenized: Any, teacher
         model = modeling.apply_lora(model, recipe, None)
     trainable, total = modeling.count_parameters(model)
     per_step = global_batch_size(args)
-    n_train = len(tokenized["train"])
+    streamed = streams.is_stream(tokenized["train"])  # no length: max_steps is the run's length
+    n_train = None if streamed else len(tokenized["train"])
     steps_per_epoch = max(
-        1, math.ceil(n_train / (args.per_device_train_batch_size * args.world_size)) // args.gradient_accumulation_steps
+        1,
+        math.ceil((n_train or 1) / (args.per_device_train_batch_size * args.world_size))
+        // args.gradient_accumulation_steps,
     )
     steps = args.max_steps if args.max_steps > 0 else math.ceil(steps_per_epoch * args.num_train_epochs)
     return {
@@ -69,12 +78,12 @@ def estimate(recipe: Recipe, task: Task, tokenizer: Any, tokenized: Any, teacher
         "model": modeling.describe_model(recipe),
         "parameters": total,
         "trainable_parameters": trainable,
-        "train_samples": n_train,
+        "train_samples": "a stream (no length)" if streamed else n_train,
         "eval_samples": len(tokenized["validation"]) if "validation" in tokenized else 0,
         "samples_per_step": per_step,
         "tokens_per_step": per_step * recipe.data.max_length if task.tokens_per_sample else None,
         "steps": steps,
-        "epochs": steps / steps_per_epoch,
+        "epochs": "a stream (no length)" if streamed else steps / steps_per_epoch,
         "bf16": bool(args.bf16),
         **({"distill": distill.facts(recipe, teacher, model)} if teacher is not None else {}),
     }
@@ -172,7 +181,8 @@ def trainer_class(task: Task) -> type:
     import transformers
 
     base = trainer_with_atomic_checkpoints(transformers.Seq2SeqTrainer if task.seq2seq else transformers.Trainer)
-    base = type(base.__name__, (ShardsOnCpu, SavesOnEachNode, base), {})  # FSDP on CPU, a copy on each node
+    # FSDP on CPU, a copy on each node, a stream's position in each checkpoint
+    base = type(base.__name__, (ShardsOnCpu, SavesOnEachNode, streams.ResumesStreams, base), {})
     if task.compute_loss is None:
         return base
     hook = task.compute_loss
@@ -226,7 +236,8 @@ def train(
     _start_run_folder(trainer, recipe, report)
     train_metrics = _fit(trainer, ckpt)
     eval_metrics = _final_evaluation(trainer, task) if evaluation is not None else {}
-    facts = {"wall": time.time() - started, "tokens_per_sample": mean_tokens(tokenized["train"]), "parameters": counts}
+    per_sample = recipe.data.max_length if recipe.data.streaming else mean_tokens(tokenized["train"])  # blocks
+    facts = {"wall": time.time() - started, "tokens_per_sample": per_sample, "parameters": counts}
     if teacher is not None:
         facts["distill"] = _teacher_facts(recipe, task, tokenizer, teacher, trainer.model, evaluation)
     return _finish(trainer, recipe, task, train_metrics, eval_metrics, facts)
@@ -257,7 +268,7 @@ def mean_tokens(ds: Any) -> float | None:
     """Tokens per sample of a tokenized split (input_ids without padding; exact for packed blocks)."""
     import pyarrow.compute as pc
 
-    if "input_ids" not in ds.column_names or len(ds) == 0:
+    if streams.is_stream(ds) or "input_ids" not in ds.column_names or len(ds) == 0:
         return None
     lengths = pc.list_value_length(ds.with_format("arrow")[:]["input_ids"])
     return float(pc.mean(lengths).as_py())

@@ -92,11 +92,21 @@ class DataSection:
     max_target_length: int = 64
     on_bad_rows: str = "error"  # error | skip | warn
     num_proc: int | None = None
+    streaming: bool = False  # pretraining: read the corpus as it trains (llmkit/streams.py), never whole in memory
+    prepared: str | None = None  # a folder written by `llmkit prepare`: tokenized blocks reused as they are
 
     def files(self, split: str) -> list[str]:
-        """The local files named for a split (data.train and friends take one path or a list)."""
+        """The local files named for a split (data.train and friends take one path or a list, or a glob such as
+        corpus/*.txt, expanded in sorted order; a pattern that matches nothing is kept, for the error to name)."""
+        import glob
+
         value = getattr(self, split, None)
-        return [] if value is None else [value] if isinstance(value, str) else list(value)
+        paths = [] if value is None else [value] if isinstance(value, str) else list(value)
+        out = []
+        for p in paths:
+            matches = sorted(glob.glob(p)) if isinstance(p, str) and any(c in p for c in "*?[") else []
+            out += matches or [p]
+        return out
 
 
 @dataclass
@@ -259,9 +269,13 @@ def _check_semantics(r: Recipe) -> None:
             f"built-in: {', '.join(BUILTIN_SOURCES)}"
         )
     given = [n for n, v in (("load", d.load), ("source", d.source), ("train", d.train)) if v is not None]
-    if not given:
+    if not given and d.prepared is None:
         raise RecipeError(
             "data: name the data with data.load (load_dataset kwargs), data.train (a file) or data.source"
+        )
+    if d.prepared is not None and d.streaming:
+        raise RecipeError(
+            "data.prepared is read memory-mapped, never whole into memory: drop data.streaming=true to use it"
         )
     if d.load is not None and d.source is not None:
         raise RecipeError("data: give either data.load or data.source, not both")

@@ -9,6 +9,7 @@ import os
 import shutil
 from typing import TYPE_CHECKING, Any
 
+from llmkit import data
 from llmkit.errors import DataError, RecipeError, first_line, offline_hint
 from llmkit.files import cache_dir
 from llmkit.hf import hub_kwargs
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
     from llmkit.tasks.base import Task
 
 log = logging.getLogger("llmkit")
+STREAMED_TEXTS = 100_000  # a tokenizer trained on a stream reads at most this many texts unless max_texts says
 
 # Special tokens by tokenizer type, and the template that wraps one text (and a pair).
 _BERT = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
@@ -72,12 +74,14 @@ def train_tokenizer(recipe: Recipe, task: Task, train: Any) -> Any:
 
     spec = recipe.tokenizer.train
     specials = _specials(spec.type, task)
+    streamed = not hasattr(train, "__len__")  # a stream (data.streaming) is never read whole for this
+    limit = spec.max_texts or (STREAMED_TEXTS if streamed else None)
     key = json.dumps(
         {
-            "spec": vars(spec),
+            "spec": {**vars(spec), "max_texts": limit},
             "specials": specials,
             "task": task.name,
-            "corpus": train._fingerprint,
+            "corpus": data.identity(recipe) if streamed else train._fingerprint,
             "columns": recipe.data.columns,
             "max_length": recipe.data.max_length,
             "v": 1,
@@ -90,10 +94,12 @@ def train_tokenizer(recipe: Recipe, task: Task, train: Any) -> Any:
         return PreTrainedTokenizerFast.from_pretrained(str(folder))
 
     texts = task.corpus(recipe, train)
-    if spec.max_texts is not None:
+    if limit is not None:
         import itertools
 
-        texts = itertools.islice(texts, spec.max_texts)
+        if streamed and spec.max_texts is None:
+            log.info("Training the tokenizer on the stream's first %s texts (tokenizer.train.max_texts)", f"{limit:,}")
+        texts = itertools.islice(texts, limit)
     backend = _train_backend(spec, specials, texts)
     if backend.get_vocab_size() <= len(set(specials.values())):
         raise DataError("the training corpus is empty: no text to train a tokenizer on")

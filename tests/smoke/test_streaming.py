@@ -1,0 +1,114 @@
+"""Streaming pretraining (data.streaming): trained as read, validation held out, the position restored on resume."""
+
+import hashlib
+import json
+import shutil
+
+import pytest
+from conftest import RECIPES, ROOT
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from llmkit import engine
+from llmkit.config import load_recipe, resolve
+from llmkit.errors import RecipeError
+
+pytestmark = pytest.mark.smoke
+
+
+def corpus(folder, files=1, lines=600):
+    """Text files of numbered, distinct lines (so every packed block differs)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in range(files):
+        text = "".join(f"document {f} line {i} says {' '.join(['word'] * (i % 9))} end\n" for i in range(lines))
+        (folder / f"part-{f}.txt").write_text(text, encoding="utf-8")
+    return str(folder / "*.txt")
+
+
+class Blocks(TrainerCallback):
+    """Records a hash of every block the model trains on (a forward pre-hook), per step."""
+
+    def __init__(self):
+        self.steps, self._current = [], []
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        def hook(module, a, kwargs):
+            if module.training:
+                self._current += [
+                    hashlib.sha1(bytes(str(r), "utf-8")).hexdigest() for r in kwargs["input_ids"].tolist()
+                ]
+
+        model.register_forward_pre_hook(hook, with_kwargs=True)
+
+    def on_step_end(self, args, state, control, **kw):
+        self.steps.append((state.global_step, self._current))
+        self._current = []
+
+
+def streamed(out, data, *extra):
+    recipe = load_recipe(
+        RECIPES / "tiny" / "gpt2.yaml",
+        [
+            f"trainer.output_dir={out}",
+            f"data.train={data}",
+            "data.source=null",
+            "data.streaming=true",
+            "data.max_train_samples=null",
+            "data.max_eval_samples=50",
+            "trainer.max_steps=10",
+            "trainer.save_steps=5",
+            "trainer.eval_steps=5",
+            "trainer.per_device_train_batch_size=4",
+            *extra,
+        ],
+    )
+    resolve(recipe)
+    return recipe
+
+
+def test_a_resumed_stream_trains_on_the_blocks_the_uninterrupted_run_did(tmp_path):
+    data = corpus(tmp_path / "corpus")
+    whole = Blocks()
+    engine.train(streamed(tmp_path / "whole", data), callbacks=[whole])
+    assert [s for s, _ in whole.steps] == list(range(1, 11))
+    assert (tmp_path / "whole" / "checkpoint-5" / "stream_state_0.pt").is_file()
+
+    # The same run stopped after its step-5 checkpoint: resumed, it must read on from there, not from the start.
+    shutil.copytree(tmp_path / "whole", tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / "checkpoint-10")
+    (tmp_path / "cut" / "summary.json").unlink()
+    resumed = Blocks()
+    engine.train(streamed(tmp_path / "cut", data), resume=True, callbacks=[resumed])
+    assert resumed.steps == whole.steps[5:]
+    first = {h for _, hashes in whole.steps[:5] for h in hashes}
+    assert not first & {h for _, hashes in resumed.steps for h in hashes}  # nothing trained twice
+    a, b = (load_file(tmp_path / run / "model.safetensors") for run in ("whole", "cut"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+def test_validation_is_held_out_of_the_train_stream(tmp_path):
+    data = corpus(tmp_path / "corpus", lines=200)
+    seen = Blocks()
+    recipe = streamed(tmp_path / "run", data, "trainer.max_steps=3", "trainer.save_steps=3", "trainer.eval_steps=3")
+    _, tokenizer, tokenized = engine.prepare_data(recipe, engine.get_task("clm"), recipe.args)
+    held = {hashlib.sha1(bytes(str(r), "utf-8")).hexdigest() for r in tokenized["validation"]["input_ids"]}
+    assert held
+    engine.train(recipe, callbacks=[seen])
+    assert not held & {h for _, hashes in seen.steps for h in hashes}
+    report = json.loads((tmp_path / "run" / "preflight.json").read_text())
+    assert report["streaming"] is True and report["held_out_rows"] == {"validation": 50}
+
+
+def test_a_stream_without_steps_is_refused(tmp_path):
+    recipe = streamed(tmp_path / "run", corpus(tmp_path / "corpus", lines=50), "trainer.max_steps=-1")
+    with pytest.raises(RecipeError, match="needs trainer.max_steps"):
+        engine.train(recipe)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_finetuning_task_does_not_stream(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    recipe = load_recipe(RECIPES / "tiny" / "ner.yaml", [f"trainer.output_dir={tmp_path}/run", "data.streaming=true"])
+    resolve(recipe)
+    with pytest.raises(RecipeError, match="data.streaming is for pretraining"):
+        engine.train(recipe)
