@@ -284,7 +284,7 @@ def columns_of(ds: Any) -> list[str]:
     """A split's column names; a stream whose files do not declare them (text, JSON lines) shows its first row."""
     if ds.column_names is not None:
         return list(ds.column_names)
-    return list(next(iter(ds.take(1)), {}).keys())
+    return list(next(iter(ds), {}).keys())  # not ds.take(1): on a process's part of a stream it may be empty
 
 
 def require_columns(ds: Dataset, needed: dict[str, str], where: str) -> None:

@@ -74,7 +74,7 @@ def load(recipe: Recipe, task: Task, args: Any, only: str | None = None) -> tupl
     todo = {only: held[only]} if only in held else {"train": train, **held}
     tokenized = task.preprocess(recipe, todo, tokenizer)
     if "train" in tokenized:
-        if next(iter(tokenized["train"].take(1)), None) is None:
+        if next(iter(tokenized["train"]), None) is None:
             raise DataError(
                 f"the {split_origin(recipe, 'train')} gives no block of data.max_length={recipe.data.max_length} "
                 "tokens after the held-out rows; add text or lower data.max_length"
