@@ -14,6 +14,7 @@ from llmkit import __version__
 from llmkit.console import (
     basic_logging,
     guarded,
+    leave_process_group,
     print_estimate,
     print_metrics,
     print_report,
@@ -183,17 +184,34 @@ def check(
 
 
 def _check_run_folder(folder: Path) -> None:
-    """`llmkit check RUN_DIR`: every checkpoint against its manifest; exit 2 when one is damaged."""
-    from llmkit.rundir import verify_run
+    from llmkit.rundir import check_folder
 
-    found = verify_run(folder)
-    for name, problem in found:
-        typer.echo(f"  {name:<24} {'damaged: ' + problem if problem else 'intact'}")
-    damaged = [name for name, problem in found if problem]
-    if not found:
-        typer.echo(f"{folder} has no checkpoint")
-    if damaged:
-        raise LlmkitError(f"{folder}: damaged checkpoints: {', '.join(damaged)}; --resume skips them")
+    lines, problem = check_folder(folder)
+    typer.echo("\n".join(lines))
+    if problem:
+        raise LlmkitError(problem)
+
+
+@app.command(context_settings=_TRAIN_CTX)
+def prepare(
+    recipe: Path = RecipeArg,
+    overrides: list[str] = OverridesArg,
+    output: Path = typer.Option(..., "--output", "-o", help="Folder to write: packed blocks, tokenizer, manifest."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the prepared folder at --output."),
+    debug: bool = DebugOpt,
+) -> None:
+    """Tokenize and pack a pretraining recipe's corpus once; runs reuse it with data.prepared=OUTPUT."""
+
+    def go() -> None:
+        r = _load(recipe, overrides)
+        setup_logging()
+        from llmkit import engine
+
+        m = engine.prepare(r, output, overwrite)
+        splits = ", ".join(f"{s} {f['blocks']:,} blocks ({f['tokens']:,} tokens)" for s, f in m["splits"].items())
+        typer.echo(f"Prepared {output}: {splits}. Train on it: llmkit pretrain {recipe} data.prepared={output}")
+
+    guarded(debug, go)
 
 
 @app.command(context_settings=_TRAIN_CTX)
@@ -418,19 +436,5 @@ def main() -> None:
         typer.echo("interrupted (SIGTERM)", err=True)
         sys.exit(130)
     finally:
-        _leave_process_group()
+        leave_process_group()
     sys.exit(code if isinstance(code, int) else 0)
-
-
-def _leave_process_group() -> None:
-    """Under torchrun/accelerate: tear the process group down before exit.
-
-    Left to interpreter shutdown, gloo's threads are sometimes destroyed while still running and the
-    process aborts ("terminate called without an active exception", seen in about 1 of 8 CPU runs)
-    after the run has finished, turning a good run into a failed launch.
-    """
-    dist = sys.modules.get("torch.distributed")  # never imported here: an import cut short by a signal stays cut
-    if dist is None or not hasattr(dist, "is_initialized"):
-        return
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()

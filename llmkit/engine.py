@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmkit import distill, modeling, onnxrt, preflight, rundir, streams
+from llmkit import distill, modeling, onnxrt, preflight, prepared, rundir, streams
 from llmkit.checkpoints import drop_pickled_args, last_checkpoint, saving, trainer_with_atomic_checkpoints
 from llmkit.config import resolve
 from llmkit.errors import Interrupted, RecipeError
@@ -41,6 +41,11 @@ def prepare_data(
     """
     from datasets import DatasetDict
 
+    if recipe.data.prepared is not None:  # tokenized and packed once by `llmkit prepare`: read as it is
+        tokenizer, tokenized, facts = prepared.load(recipe, task, only)
+        if report is not None:
+            report.update(facts)
+        return None, tokenizer, tokenized
     if recipe.data.streaming:
         with args.main_process_first(desc="opening the stream"):  # a tokenizer trained on it: once, then cached
             tokenizer, tokenized, facts = streams.load(recipe, task, args, only=only)
@@ -54,6 +59,24 @@ def prepare_data(
         todo = DatasetDict({only: raw[only]}) if only else raw
         tokenized = task.preprocess(recipe, todo, tokenizer)
     return raw, tokenizer, tokenized
+
+
+def prepare(recipe: Recipe, output: Path, overwrite: bool = False) -> dict:
+    """`llmkit prepare`: tokenize and pack a pretraining recipe's corpus once into `output` (see prepared.py);
+    returns its manifest."""
+    task = get_task(recipe.task)
+    if recipe.args is None:
+        resolve(recipe)
+    if task.stage != "pretrain":
+        raise RecipeError(
+            f"llmkit prepare packs pretraining corpora; task {task.name!r} tokenizes its rows at each run"
+        )
+    if recipe.data.streaming or recipe.data.prepared is not None:
+        raise RecipeError("llmkit prepare reads the recipe's corpus: drop data.streaming and data.prepared")
+    prepared.check_output(output, overwrite)
+    report: dict = {}
+    _, tokenizer, tokenized = prepare_data(recipe, task, recipe.args, report=report)
+    return prepared.write(Path(output), recipe, task, tokenizer, tokenized, report, rundir.resolved_dict(recipe))
 
 
 def estimate(recipe: Recipe, task: Task, tokenizer: Any, tokenized: Any, teacher: Any = None) -> dict:

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmkit import __version__, modeling
+from llmkit import __version__, modeling, prepared
 from llmkit.checkpoints import checkpoints, damage, last_checkpoint
 from llmkit.config import load_recipe, resolve, validate
 from llmkit.errors import LlmkitError
@@ -186,6 +186,18 @@ def verify_run(folder: Path) -> list[tuple[str, str | None]]:
             f"{folder} has no recipe.yaml, so it is not an llmkit run; check takes a recipe or a run folder"
         )
     return [(ckpt.name, damage(ckpt)) for ckpt in checkpoints(folder)]
+
+
+def check_folder(folder: Path) -> tuple[list[str], str | None]:
+    """`llmkit check FOLDER`: a run folder's checkpoints against their manifests, or a prepared folder (`llmkit
+    prepare`) against its own; (lines to print, what is damaged or None)."""
+    if (folder / prepared.MANIFEST).is_file():
+        return prepared.verify(folder)
+    found = verify_run(folder)
+    lines = [f"  {name:<24} {'damaged: ' + problem if problem else 'intact'}" for name, problem in found]
+    damaged = [name for name, problem in found if problem]
+    problem = f"{folder}: damaged checkpoints: {', '.join(damaged)}; --resume skips them" if damaged else None
+    return lines or [f"{folder} has no checkpoint"], problem
 
 
 def plan_run(recipe: Recipe, overwrite: bool, resume: bool) -> tuple[Path | None, bool]:
