@@ -5,7 +5,7 @@ import pytest
 from llmkit.config import load_recipe
 from llmkit.data import load_splits, pydoc_corpus_file, require_columns
 from llmkit.datafiles import read_conll
-from llmkit.errors import DataError
+from llmkit.errors import DataError, RecipeError
 
 
 def _recipe(write, data: str, name="r.yaml"):
@@ -81,3 +81,20 @@ def test_a_local_train_file_replaces_the_recipes_dataset(write):
     train = write("my.csv", "review,label\ngood,1\nbad,0\nfine,1\nawful,0\n")
     ds = load_splits(_recipe(write, f"{{load: {{path: some/hub-dataset}}, train: {train}, validation_split: 0.25}}"))
     assert sorted(ds) == ["train", "validation"] and len(ds["train"]) == 3
+
+
+def test_a_glob_names_every_matching_file_in_order(write, tmp_path):
+    for name in ("b.txt", "a.txt", "c.json"):
+        write(f"corpus/{name}", f"text of {name}\n")
+    recipe = _recipe(write, f"{{train: '{tmp_path}/corpus/*.txt'}}")
+    assert recipe.data.files("train") == [f"{tmp_path}/corpus/a.txt", f"{tmp_path}/corpus/b.txt"]
+    assert load_splits(recipe)["train"]["text"][:1] == ["text of a.txt"]
+    nothing = _recipe(write, f"{{train: '{tmp_path}/none/*.txt'}}")
+    with pytest.raises(DataError, match=r"data file not found: .*none/\*\.txt \(data.train\)"):
+        load_splits(nothing)
+
+
+def test_a_prepared_folder_is_not_also_streamed(write):
+    with pytest.raises(RecipeError, match="drop data.streaming"):
+        _recipe(write, "{prepared: somewhere, streaming: true}")
+    assert _recipe(write, "{prepared: somewhere}").data.prepared == "somewhere"  # no other data needed
