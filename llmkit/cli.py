@@ -200,7 +200,10 @@ def prepare(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the prepared folder at --output."),
     debug: bool = DebugOpt,
 ) -> None:
-    """Tokenize and pack a pretraining recipe's corpus once; runs reuse it with data.prepared=OUTPUT."""
+    """Tokenize and pack a pretraining corpus once, for many runs.
+
+    Runs read the folder with data.prepared=OUTPUT; `llmkit check OUTPUT` verifies it.
+    """
 
     def go() -> None:
         r = _load(recipe, overrides)

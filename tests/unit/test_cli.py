@@ -69,7 +69,7 @@ def test_help_lists_every_command_untruncated():
     assert result.exit_code == 0
     commands = result.output.split("Commands:")[1].splitlines()[1:]
     names = [line.split()[0] for line in commands if line.strip()]
-    assert " ".join(names) == "pretrain finetune check evaluate predict tune export report init recipes recipe"
+    assert " ".join(names) == "pretrain finetune check prepare evaluate predict tune export report init recipes recipe"
     assert not [line for line in commands if line.endswith("...")], result.output
 
 
