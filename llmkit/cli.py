@@ -158,7 +158,8 @@ def check(
 ) -> None:
     """Preflight a recipe's data without training.
 
-    Reports rows per split, empty rows, train/eval duplicates, labels, NER tags and truncation.
+    Reports rows per split, empty rows, train/eval duplicates, labels, NER tags and truncation. Given a folder:
+    a run's checkpoints, or a prepared folder (llmkit prepare), against their manifests.
     """
 
     def go() -> None:
@@ -166,10 +167,12 @@ def check(
             return _check_run_folder(recipe)
         r = _load(recipe, overrides)
         setup_logging()
-        from llmkit import preflight
+        from llmkit import engine, preflight
         from llmkit.tasks import get_task
 
         task = get_task(r.task)
+        if r.data.prepared is not None or r.data.streaming:  # what a run reads, refused as a run would be
+            return _echo_check(*engine.check_packed(r, task))
         raw, tokenizer = preflight.load_data(r, task, strict=False)
         report = preflight.build_report(r, task, raw, tokenizer)
         typer.echo(preflight.format_report(report))
@@ -186,7 +189,10 @@ def check(
 def _check_run_folder(folder: Path) -> None:
     from llmkit.rundir import check_folder
 
-    lines, problem = check_folder(folder)
+    _echo_check(*check_folder(folder))
+
+
+def _echo_check(lines: list[str], problem: str | None) -> None:
     typer.echo("\n".join(lines))
     if problem:
         raise LlmkitError(problem)

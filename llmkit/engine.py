@@ -79,6 +79,16 @@ def prepare(recipe: Recipe, output: Path, overwrite: bool = False) -> dict:
     return prepared.write(Path(output), recipe, task, tokenizer, tokenized, report, rundir.resolved_dict(recipe))
 
 
+def check_packed(recipe: Recipe, task: Task) -> tuple[list[str], str | None]:
+    """`llmkit check` of a recipe reading a prepared folder or a stream: loaded as a run loads it (its refusals
+    included), then the folder verified, or the stream's first block packed; (lines, problem or None)."""
+    _, _, tokenized = prepare_data(recipe, task, recipe.args)
+    if recipe.data.prepared is not None:
+        return prepared.verify(Path(recipe.data.prepared))
+    held = ", ".join(f"{split} {len(d):,} blocks" for split, d in tokenized.items() if split != "train")
+    return [f"stream: its first block packed; held out in memory: {held}"], None
+
+
 def estimate(recipe: Recipe, task: Task, tokenizer: Any, tokenized: Any, teacher: Any = None) -> dict:
     """What a run will do: parameters, tokens per step, steps and epochs (no student weights are allocated
     unless it is cut from its teacher); with a teacher, its size and cost."""

@@ -96,3 +96,12 @@ def test_check_reads_a_prepared_folder_and_finds_damage(folder, tmp_path):
         [sys.executable, "-m", "llmkit", "check", str(copy)], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
+
+
+def test_check_of_a_recipe_reading_a_prepared_folder(folder):
+    lines, problem = engine.check_packed(recipe("gpt2.yaml", f"data.prepared={folder}"), engine.get_task("clm"))
+    assert problem is None and any("validation" in line and "intact" in line for line in lines)
+    with pytest.raises(DataError, match="data.max_length=16"):
+        engine.check_packed(
+            recipe("gpt2.yaml", f"data.prepared={folder}", "data.max_length=16"), engine.get_task("clm")
+        )

@@ -11,7 +11,7 @@ from transformers import TrainerCallback
 
 from llmkit import engine
 from llmkit.config import load_recipe, resolve
-from llmkit.errors import RecipeError
+from llmkit.errors import DataError, RecipeError
 
 pytestmark = pytest.mark.smoke
 
@@ -112,3 +112,25 @@ def test_a_finetuning_task_does_not_stream(tmp_path, monkeypatch):
     resolve(recipe)
     with pytest.raises(RecipeError, match="data.streaming is for pretraining"):
         engine.train(recipe)
+
+
+def test_check_of_a_streamed_recipe_packs_its_first_block(tmp_path):
+    recipe = streamed(tmp_path / "run", corpus(tmp_path / "corpus", lines=200))
+    lines, problem = engine.check_packed(recipe, engine.get_task("clm"))
+    assert problem is None and "held out in memory: validation" in lines[0]
+    bad = streamed(tmp_path / "run", corpus(tmp_path / "corpus", lines=200), "data.columns.text=body")
+    with pytest.raises(DataError, match="has no column 'body'"):
+        engine.check_packed(bad, engine.get_task("clm"))
+
+
+def test_mlm_streams_a_data_load_dataset(tmp_path):
+    """The data.load path (load_dataset with streaming=True, as for a Hub corpus) and the masked-LM task."""
+    data = corpus(tmp_path / "corpus", lines=300)
+    overrides = [f"trainer.output_dir={tmp_path}/run", "data.source=null", "data.max_train_samples=null"]
+    overrides += ["data.streaming=true", "data.max_eval_samples=30", "trainer.max_steps=4", "trainer.save_steps=2"]
+    recipe = load_recipe(
+        RECIPES / "tiny" / "bert.yaml", [*overrides, f"data.load={{path: text, data_files: '{data}'}}"]
+    )
+    summary = engine.train(resolve(recipe))
+    assert summary["steps"] == 4 and summary["final_metrics"]["eval_loss"] > 0
+    assert (tmp_path / "run" / "checkpoint-4" / "stream_state_0.pt").is_file()
