@@ -47,7 +47,7 @@ def prepare_data(
             report.update(facts)
         return None, tokenizer, tokenized
     if recipe.data.streaming:
-        with args.main_process_first(desc="opening the stream"):  # a tokenizer trained on it: once, then cached
+        with args.main_process_first(desc="opening the stream"), streams.read_errors(recipe):  # a tokenizer: once
             tokenizer, tokenized, facts = streams.load(recipe, task, args, only=only)
         if report is not None:
             report.update(facts)
@@ -267,7 +267,8 @@ def train(
     evaluation = tokenized.get("validation")
     trainer = build_trainer(recipe, task, model, tokenizer, tokenized["train"], evaluation, callbacks, teacher)
     _start_run_folder(trainer, recipe, report)
-    train_metrics = _fit(trainer, ckpt)
+    with streams.read_errors(recipe):
+        train_metrics = _fit(trainer, ckpt)
     eval_metrics = _final_evaluation(trainer, task) if evaluation is not None else {}
     per_sample = recipe.data.max_length if recipe.data.streaming else mean_tokens(tokenized["train"])  # blocks
     facts = {"wall": time.time() - started, "tokens_per_sample": per_sample, "parameters": counts}

@@ -14,11 +14,13 @@ StatefulDataLoader, through Accelerate), and a resumed run restores it instead o
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmkit.data import load_streams, require_columns, split_origin
-from llmkit.errors import DataError, RecipeError
+from llmkit.errors import DataError, RecipeError, first_line
 from llmkit.tokenizer import get_tokenizer
 
 if TYPE_CHECKING:
@@ -90,6 +92,24 @@ def load(recipe: Recipe, task: Task, args: Any, only: str | None = None) -> tupl
         else "validation",
     }
     return tokenizer, tokenized, report
+
+
+@contextmanager
+def read_errors(recipe: Recipe) -> Iterator[None]:
+    """A stream is read while it trains: a file that turns out unreadable there (bytes that are not UTF-8, a
+    broken JSON line) stops the run with one line naming the split's files (exit 2), not a worker's traceback.
+    The last checkpoint stays: fix the file, then --resume."""
+    try:
+        yield
+    except Exception as e:
+        text = str(e)
+        if not recipe.data.streaming or not (isinstance(e, UnicodeDecodeError) or "DataLoader worker" in text):
+            raise
+        reason = next((ln for ln in text.splitlines() if "Error" in ln and "Caught" not in ln), first_line(e))
+        raise DataError(
+            f"reading the stream of the {split_origin(recipe, 'train')} failed: {reason.strip()}; "
+            "fix or re-save the file (UTF-8 text; JSON: one object per line), then resume with --resume"
+        ) from None
 
 
 class ResumesStreams:

@@ -134,3 +134,14 @@ def test_mlm_streams_a_data_load_dataset(tmp_path):
     summary = engine.train(resolve(recipe))
     assert summary["steps"] == 4 and summary["final_metrics"]["eval_loss"] > 0
     assert (tmp_path / "run" / "checkpoint-4" / "stream_state_0.pt").is_file()
+
+
+def test_a_file_unreadable_deep_in_the_stream_stops_with_one_line(tmp_path):
+    """Bytes that are not UTF-8 past the first chunk are met in the dataloader worker, mid-training: a DataError
+    naming the split's files (exit 2), not the worker's traceback."""
+    good = "".join(f"line {i} of plain text that is fine\n" for i in range(500)).encode()
+    (tmp_path / "bad.txt").write_bytes(good + b"bad \xff\xfe byte\n" + good)
+    load = f"data.load={{path: text, data_files: '{tmp_path / 'bad.txt'}', chunksize: 4096}}"
+    recipe = streamed(tmp_path / "run", str(tmp_path / "bad.txt"), "data.train=null", load, "trainer.max_steps=400")
+    with pytest.raises(DataError, match="reading the stream of the train split .* failed: .*can't decode byte 0xff"):
+        engine.train(recipe)
