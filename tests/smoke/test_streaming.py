@@ -145,3 +145,19 @@ def test_a_file_unreadable_deep_in_the_stream_stops_with_one_line(tmp_path):
     recipe = streamed(tmp_path / "run", str(tmp_path / "bad.txt"), "data.train=null", load, "trainer.max_steps=400")
     with pytest.raises(DataError, match="reading the stream of the train split .* failed: .*can't decode byte 0xff"):
         engine.train(recipe)
+
+
+def test_a_stream_checkpoint_resumes_with_as_many_processes(tmp_path):
+    from types import SimpleNamespace
+
+    from llmkit.streams import _state_file
+
+    (tmp_path / "checkpoint-4").mkdir()
+    with pytest.raises(DataError, match="holds no stream position"):
+        _state_file(tmp_path / "checkpoint-4", SimpleNamespace(world_size=1, process_index=0))
+    for rank in (0, 1):
+        (tmp_path / "checkpoint-4" / f"stream_state_{rank}.pt").write_bytes(b"")
+    with pytest.raises(DataError, match=r"saved by 2 process\(es\) .* this run has 1; resume with 2"):
+        _state_file(tmp_path / "checkpoint-4", SimpleNamespace(world_size=1, process_index=0))
+    ok = _state_file(tmp_path / "checkpoint-4", SimpleNamespace(world_size=2, process_index=1))
+    assert ok.name == "stream_state_1.pt"
