@@ -20,8 +20,8 @@ $(BIN)/llmkit: pyproject.toml
 
 install: $(BIN)/llmkit  ## create .venv with torch (CPU) and llmkit[dev]
 
-test: $(BIN)/llmkit  ## the full offline test suite (unit, smoke, distributed)
-	$(BIN)/python -m pytest -q
+test: $(BIN)/llmkit  ## the full offline test suite (unit, smoke, distributed), two test files at a time
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 fuzz: $(BIN)/llmkit  ## the property tests with 3,000 fresh random examples each (`make test` replays fixed ones)
 	LLMKIT_FUZZ=$${LLMKIT_FUZZ:-3000} $(BIN)/python -m pytest -q tests/unit/test_hostile.py -k "any_ or random_values"
