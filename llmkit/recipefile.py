@@ -131,6 +131,10 @@ def deep_merge(base: dict, over: dict, top: bool = True) -> dict:
     `search:` are replaced whole: a space of another kind ({choice: ...} over {float: ...}) is not a mix of both."""
     out = copy.deepcopy(base)
     for key, value in over.items():
+        if top and key == "data" and isinstance(value, dict) and isinstance(out.get(key), dict):
+            for named in ("load", "source"):
+                if value.get(named) is not None:
+                    _drop_other_source(out[key], named)
         if top and key == "search" and isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = {**out[key], **copy.deepcopy(value)}
         elif isinstance(value, dict) and isinstance(out.get(key), dict):
@@ -138,6 +142,12 @@ def deep_merge(base: dict, over: dict, top: bool = True) -> dict:
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+def _drop_other_source(data: dict, named: str) -> None:
+    """data.load and data.source name the corpus each: the one an extending recipe or an override names replaces
+    the other (`llmkit pretrain recipes/gpt2.yaml data.load.path=...` on a recipe with `source: pydoc`)."""
+    data.pop("source" if named == "load" else "load", None)
 
 
 def shipped_recipes_dir() -> Path:
@@ -231,4 +241,6 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                 raise RecipeError(f"bad override {item!r}: {where} is {child!r}, not a section")
             node = child
         node[parts[-1]] = parsed
+        if parts[0] == "data" and len(parts) > 1 and parts[1] in ("load", "source") and parsed is not None:
+            _drop_other_source(out["data"], parts[1])
     return out

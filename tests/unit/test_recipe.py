@@ -195,3 +195,22 @@ def test_no_file_and_no_shipped_recipe_is_still_not_found(tmp_path, monkeypatch,
     monkeypatch.chdir(tmp_path)
     with pytest.raises(RecipeError, match=f"recipe file not found: {name}"):
         load_raw(name)
+
+
+def test_data_load_and_data_source_replace_each_other(write):
+    from conftest import RECIPES
+
+    hub = load_recipe(RECIPES / "gpt2.yaml", ["data.streaming=true", "data.load.path=Salesforce/wikitext"])
+    assert hub.data.load == {"path": "Salesforce/wikitext"} and hub.data.source is None
+    back = load_recipe(RECIPES / "gpt2.yaml", ["data.load.path=x", "data.source=pydoc"])
+    assert back.data.source == "pydoc" and back.data.load is None
+    write("parent.yaml", "task: clm\nmodel: {config: {model_type: gpt2}}\ndata: {source: pydoc, max_length: 64}\n")
+    child = load_recipe(write("child.yaml", "extends: parent.yaml\ndata: {load: {path: text}}\n"))
+    assert child.data.load == {"path": "text"} and child.data.source is None and child.data.max_length == 64
+    with pytest.raises(RecipeError, match="not both"):  # named together in one place: still a mistake
+        load_recipe(
+            write(
+                "both.yaml",
+                "task: clm\nmodel: {config: {model_type: gpt2}}\ndata: {source: pydoc, load: {path: text}}\n",
+            )
+        )
