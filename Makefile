@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test fuzz lint demo bench quality clean
+.PHONY: install test fuzz lint demo bench bench-stream quality clean
 
 $(BIN)/llmkit: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -36,6 +36,9 @@ demo: $(BIN)/llmkit  ## install, then pretrain the default BERT recipe (offline,
 bench: $(BIN)/llmkit  ## llmkit vs a plain Trainer script, then inference (PyTorch vs ONNX vs int8) on ../shared/data
 	$(BIN)/python benchmarks/bench.py
 	$(BIN)/python benchmarks/infer_bench.py
+
+bench-stream: $(BIN)/llmkit  ## streaming vs in memory: peak memory (200 MB and 2 GB corpora), throughput, resume time (~35 min)
+	$(BIN)/python benchmarks/stream_bench.py
 
 quality: $(BIN)/llmkit  ## the README's quality numbers on ../shared/data (about 1.5 hours on 2 CPU cores)
 	bash benchmarks/quality.sh sst2 wnut scitldr sst2-full distill-sst2 distill-wnut distill-mlm distill-clm export-sst2 export-wnut tune-sst2
