@@ -2,8 +2,9 @@
 
 Each workload trains the same model (a 4-layer, 256-wide BERT / GPT-2 / T5; seq 128; batch 32) on
 the same data from ../shared/data for the same steps, once with llmkit (every lever on, as
-shipped) and with the reference (benchmarks/workers.py: what `examples/pytorch` does) in fp32 and
-with --bf16; the three runs of a workload follow each other, so drift hits them alike. Each run is
+shipped) and with the reference (benchmarks/workers.py: what `examples/pytorch` does) in fp32, with
+--bf16, and tuned (bf16 plus SDPA, dynamic padding and length-grouped batches: the Trainer's own speed
+options); the runs of a workload follow each other, so drift hits them alike. Each run is
 a fresh process: samples/s and tokens/s of the median step after warm-up, time from process start
 to the first optimizer step, evaluation throughput, the final eval loss/metric (same steps, so they
 should agree within noise), peak RSS, and model FLOPs utilisation against the bf16 matmul peak
@@ -230,6 +231,7 @@ def bench(name: str, w: dict, steps: int, warmup: int) -> dict:
     runs = {"llmkit": one_run("llmkit", llmkit_spec)}  # first: it trains the tokenizer the reference loads
     runs["reference_fp32"] = one_run("reference", {**ref_spec, "bf16": False})
     runs["reference_bf16"] = one_run("reference", {**ref_spec, "bf16": True})
+    runs["reference_tuned"] = one_run("reference", {**ref_spec, "bf16": True, "tuned": True})
     return runs
 
 
@@ -261,14 +263,15 @@ def table(results: dict, peak: dict) -> str:
                 f"{fmt(mfu, '.1%')} | {fmt(r['first_step_s'], '.1f')} | {fmt(r.get('eval_samples_per_s'), '.1f')} | "
                 f"{fmt(r.get('eval_loss'), '.4f')} | {fmt(r.get('metric'), '.4g')} | {fmt(r['peak_rss_mb'], ',.0f')} |"
             )
-    rows += ["", "| workload | llmkit / reference fp32 | llmkit / reference bf16 |", "|---|---|---|"]
+    rows += ["", "| workload | llmkit / reference fp32 | llmkit / reference bf16 | llmkit / tuned Trainer |"]
+    rows += ["|---|---|---|---|"]
     for name, runs in results["workloads"].items():
         if "student_plain" in runs:
             continue
         s = runs["llmkit"]["samples_per_s"]
-        rows.append(
-            f"| {name} | {s / runs['reference_fp32']['samples_per_s']:.2f}x | {s / runs['reference_bf16']['samples_per_s']:.2f}x |"
-        )
+        ratios = [s / runs[r]["samples_per_s"] if r in runs else None for r in ("reference_fp32", "reference_bf16")]
+        ratios.append(s / runs["reference_tuned"]["samples_per_s"] if "reference_tuned" in runs else None)
+        rows.append(f"| {name} | " + " | ".join(fmt(x, ".2f") + ("x" if x else "") for x in ratios) + " |")
     for name, runs in results["workloads"].items():
         if "student_plain" in runs:
             cost = runs["student_plain"]["samples_per_s"] / runs["student_distill"]["samples_per_s"]

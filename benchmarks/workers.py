@@ -7,7 +7,9 @@ Prints one JSON line (prefixed `RESULT `) with steady-state samples/s, tokens/s,
 start to the first optimizer step, evaluation throughput, final eval loss/metric and peak RSS.
 The reference is what a plain Hugging Face Trainer script does (the `examples/pytorch` run_mlm /
 run_clm / run_glue / run_ner / run_summarization recipe): fp32 unless told `bf16`, logits at every
-position, padding to max_length where those scripts pad, random batches. It shares nothing with
+position, padding to max_length where those scripts pad, random batches. Told `tuned`, it is that script
+with the Trainer's own speed options a user who knows them turns on: SDPA attention, dynamic padding,
+`train_sampling_strategy: group_by_length` for the fine-tuning tasks (bf16 comes with `bf16`). It shares nothing with
 llmkit but the tokenizer and model config (read from llmkit's run folder), so both train the same
 model on the same texts; for CLM llmkit also puts an end-of-text token between documents, which
 run_clm does not, so CLM eval losses are not comparable.
@@ -130,9 +132,11 @@ def run_reference(spec: dict) -> None:
 
     task, run_dir, max_len = spec["task"], spec["llmkit_run"], spec["seq_len"]
     set_seed(42)
+    tuned = spec.get("tuned", False)  # what a Trainer user who knows its speed options turns on
     tok = AutoTokenizer.from_pretrained(run_dir)
     config = AutoConfig.from_pretrained(run_dir)
-    model = getattr(transformers, spec["auto_model"]).from_config(config)
+    attention = {"attn_implementation": "sdpa"} if tuned else {}
+    model = getattr(transformers, spec["auto_model"]).from_config(config, **attention)
     files = spec["files"]
     ext = Path(files["train"]).suffix.lstrip(".")
     raw = load_dataset("text" if ext == "txt" else "json", data_files=files)
@@ -162,12 +166,13 @@ def run_reference(spec: dict) -> None:
         label2id = config.label2id  # llmkit's label order, so both heads mean the same
 
         def enc(batch):
-            out = tok(batch["text"], padding="max_length", max_length=max_len, truncation=True)
+            padding = {} if tuned else {"padding": "max_length"}  # tuned: dynamic padding
+            out = tok(batch["text"], max_length=max_len, truncation=True, **padding)
             out["labels"] = [label2id[str(x)] for x in batch["label"]]
             return out
 
         data = raw.map(enc, batched=True, remove_columns=raw["train"].column_names)
-        collator = transformers.default_data_collator
+        collator = transformers.DataCollatorWithPadding(tok) if tuned else transformers.default_data_collator
 
         def compute_metrics(p):
             return {"accuracy": float((np.argmax(p.predictions, -1) == p.label_ids).mean())}
@@ -228,6 +233,8 @@ def run_reference(spec: dict) -> None:
 
     args_cls = transformers.Seq2SeqTrainingArguments if seq2seq else transformers.TrainingArguments
     extra = {"predict_with_generate": True} if seq2seq else {}
+    if tuned and task not in ("mlm", "clm"):  # packed blocks are all one length: nothing to group
+        extra["train_sampling_strategy"] = "group_by_length"
     args = args_cls(
         output_dir=spec["output_dir"],
         max_steps=spec["steps"],
