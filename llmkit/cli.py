@@ -164,15 +164,19 @@ def check(
 
     def go() -> None:
         if recipe.is_dir():
-            return _check_run_folder(recipe)
+            from llmkit.rundir import check_folder
+
+            return _echo_check(*check_folder(recipe))
         r = _load(recipe, overrides)
         setup_logging()
-        from llmkit import engine, preflight
+        from llmkit import preflight
         from llmkit.tasks import get_task
 
         task = get_task(r.task)
         if r.data.prepared is not None or r.data.streaming:  # what a run reads, refused as a run would be
-            return _echo_check(*engine.check_packed(r, task))
+            from llmkit.engine import check_packed
+
+            return _echo_check(*check_packed(r, task))
         raw, tokenizer = preflight.load_data(r, task, strict=False)
         report = preflight.build_report(r, task, raw, tokenizer)
         typer.echo(preflight.format_report(report))
@@ -184,12 +188,6 @@ def check(
         preflight.enforce(r, task, raw, report)
 
     guarded(debug, go)
-
-
-def _check_run_folder(folder: Path) -> None:
-    from llmkit.rundir import check_folder
-
-    _echo_check(*check_folder(folder))
 
 
 def _echo_check(lines: list[str], problem: str | None) -> None:

@@ -220,8 +220,7 @@ def load_splits(recipe: Recipe, seed: int = 42) -> DatasetDict:
     if "validation" not in ds and d.validation_split > 0 and len(ds["train"]) >= 2:
         parts = ds["train"].train_test_split(test_size=d.validation_split, seed=seed)
         ds["train"], ds["validation"] = parts["train"], parts["test"]
-    evaluates = str(recipe.trainer.get("eval_strategy", "no")).lower() not in ("no", "intervalstrategy.no")
-    if "validation" not in ds and evaluates:
+    if "validation" not in ds and evaluates(recipe):
         # The Trainer would stop on this only after the model is built, with a ValueError (exit 1).
         n = len(ds["train"])
         why = (
@@ -239,6 +238,16 @@ def load_splits(recipe: Recipe, seed: int = 42) -> DatasetDict:
         if cap is not None and split in ds and len(ds[split]) > cap:
             ds[split] = ds[split].select(range(cap))
     return ds
+
+
+def is_stream(ds: Any) -> bool:
+    """A datasets IterableDataset (a stream, data.streaming): no length, read in order."""
+    return ds is not None and not hasattr(ds, "__len__")
+
+
+def evaluates(recipe: Recipe) -> bool:
+    """Whether the recipe's trainer.eval_strategy evaluates during training (and so needs a validation split)."""
+    return str(recipe.trainer.get("eval_strategy", "no")).lower() not in ("no", "intervalstrategy.no")
 
 
 def load_streams(recipe: Recipe) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from llmkit import distill, modeling, onnxrt, preflight, prepared, rundir, streams
 from llmkit.checkpoints import drop_pickled_args, last_checkpoint, saving, trainer_with_atomic_checkpoints
 from llmkit.config import resolve
+from llmkit.data import is_stream
 from llmkit.errors import Interrupted, RecipeError
 from llmkit.files import write_json
 from llmkit.hf import global_batch_size
@@ -41,14 +42,12 @@ def prepare_data(
     """
     from datasets import DatasetDict
 
-    if recipe.data.prepared is not None:  # tokenized and packed once by `llmkit prepare`: read as it is
-        tokenizer, tokenized, facts = prepared.load(recipe, task, only)
-        if report is not None:
-            report.update(facts)
-        return None, tokenizer, tokenized
-    if recipe.data.streaming:
-        with args.main_process_first(desc="opening the stream"), streams.read_errors(recipe):  # a tokenizer: once
-            tokenizer, tokenized, facts = streams.load(recipe, task, args, only=only)
+    if recipe.data.prepared is not None or recipe.data.streaming:  # no raw splits in memory
+        if recipe.data.prepared is not None:  # tokenized and packed once by `llmkit prepare`: read as it is
+            tokenizer, tokenized, facts = prepared.load(recipe, task, only)
+        else:
+            with args.main_process_first(desc="opening the stream"), streams.read_errors(recipe):  # a tokenizer: once
+                tokenizer, tokenized, facts = streams.load(recipe, task, args, only=only)
         if report is not None:
             report.update(facts)
         return None, tokenizer, tokenized
@@ -98,7 +97,7 @@ def estimate(recipe: Recipe, task: Task, tokenizer: Any, tokenized: Any, teacher
         model = modeling.apply_lora(model, recipe, None)
     trainable, total = modeling.count_parameters(model)
     per_step = global_batch_size(args)
-    streamed = streams.is_stream(tokenized["train"])  # no length: max_steps is the run's length
+    streamed = is_stream(tokenized["train"])  # no length: max_steps is the run's length
     n_train = None if streamed else len(tokenized["train"])
     steps_per_epoch = max(
         1,
@@ -302,7 +301,7 @@ def mean_tokens(ds: Any) -> float | None:
     """Tokens per sample of a tokenized split (input_ids without padding; exact for packed blocks)."""
     import pyarrow.compute as pc
 
-    if streams.is_stream(ds) or "input_ids" not in ds.column_names or len(ds) == 0:
+    if "input_ids" not in ds.column_names or len(ds) == 0:
         return None
     lengths = pc.list_value_length(ds.with_format("arrow")[:]["input_ids"])
     return float(pc.mean(lengths).as_py())

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmkit import __version__
+from llmkit.data import evaluates
 from llmkit.errors import DataError, LlmkitError
 from llmkit.files import atomic_write, write_json
 from llmkit.recipefile import dump_yaml
@@ -144,8 +145,7 @@ def load(recipe: Recipe, task: Task, only: str | None = None) -> tuple[Any, dict
     data = load_from_disk(str(path / "data"))
     if only is not None and only not in data:
         raise DataError(f"{path} has no {only!r} split (splits: {', '.join(data)}); pick another --split")
-    evaluates = str(recipe.trainer.get("eval_strategy", "no")).lower() not in ("no", "intervalstrategy.no")
-    if only is None and evaluates and "validation" not in data:
+    if only is None and evaluates(recipe) and "validation" not in data:
         raise DataError(f"{path} has no validation split for trainer.eval_strategy; set trainer.eval_strategy=no")
     report_file = path / "preflight.json"
     report = json.loads(report_file.read_text(encoding="utf-8")) if report_file.is_file() else {}

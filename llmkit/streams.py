@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmkit.data import load_streams, require_columns, split_origin
+from llmkit.data import is_stream, load_streams, require_columns, split_origin
 from llmkit.errors import DataError, RecipeError, first_line
 from llmkit.tokenizer import get_tokenizer
 
@@ -44,11 +44,6 @@ def check(recipe: Recipe, task: Task, args: Any) -> None:
         raise RecipeError(
             "data.streaming needs trainer.max_steps: a stream has no length to count epochs by; set trainer.max_steps=N"
         )
-
-
-def is_stream(ds: Any) -> bool:
-    """A datasets IterableDataset (a stream): no length, read in order."""
-    return ds is not None and not hasattr(ds, "__len__")
 
 
 def load(recipe: Recipe, task: Task, args: Any, only: str | None = None) -> tuple[Any, dict, dict]:

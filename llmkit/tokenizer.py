@@ -74,7 +74,7 @@ def train_tokenizer(recipe: Recipe, task: Task, train: Any) -> Any:
 
     spec = recipe.tokenizer.train
     specials = _specials(spec.type, task)
-    streamed = not hasattr(train, "__len__")  # a stream (data.streaming) is never read whole for this
+    streamed = data.is_stream(train)  # a stream (data.streaming) is never read whole for this
     limit = spec.max_texts or (STREAMED_TEXTS if streamed else None)
     key = json.dumps(
         {

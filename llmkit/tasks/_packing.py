@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from llmkit.data import columns_of, require_columns, split_origin
+from llmkit.data import columns_of, is_stream, require_columns, split_origin
 from llmkit.errors import DataError
 
 
@@ -42,7 +42,7 @@ def pack(recipe: Any, ds: Any, column: str, encode: Callable[[list[str]], dict[s
 
     packed = {}
     for split, data in ds.items():
-        if not hasattr(data, "__len__"):  # a stream (data.streaming): packed as it is read, its emptiness seen then
+        if is_stream(data):  # a stream (data.streaming): packed as it is read, its emptiness seen then
             packed[split] = data.map(tokenize_and_pack, batched=True, batch_size=1000, remove_columns=columns_of(data))
             continue
         packed[split] = data.map(
@@ -60,7 +60,7 @@ def pack(recipe: Any, ds: Any, column: str, encode: Callable[[list[str]], dict[s
             )
     from datasets import DatasetDict
 
-    return packed if any(not hasattr(d, "__len__") for d in packed.values()) else DatasetDict(packed)
+    return packed if any(is_stream(d) for d in packed.values()) else DatasetDict(packed)
 
 
 def lm_metrics(shift: bool) -> Callable[..., tuple[Any, Any]]:
