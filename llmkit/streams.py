@@ -68,7 +68,12 @@ def load(recipe: Recipe, task: Task, args: Any, only: str | None = None) -> tupl
     tokenizer = get_tokenizer(recipe, task, train)
     if args.world_size > 1:
         train = split_dataset_by_node(train, rank=args.process_index, world_size=args.world_size)
-    todo = {only: held[only]} if only in held else {"train": train, **held}
+    if only is not None and only not in held:  # `evaluate --split`: the train stream never ends
+        raise DataError(
+            f"the data has no {only!r} split held in memory (streamed: train; held out: {', '.join(held)}); "
+            "pick another --split, or name the file with data.test=PATH"
+        )
+    todo = {only: held[only]} if only else {"train": train, **held}
     tokenized = task.preprocess(recipe, todo, tokenizer)
     if "train" in tokenized:
         if next(iter(tokenized["train"]), None) is None:

@@ -161,3 +161,12 @@ def test_a_stream_checkpoint_resumes_with_as_many_processes(tmp_path):
         _state_file(tmp_path / "checkpoint-4", SimpleNamespace(world_size=1, process_index=0))
     ok = _state_file(tmp_path / "checkpoint-4", SimpleNamespace(world_size=2, process_index=1))
     assert ok.name == "stream_state_1.pt"
+
+
+@pytest.mark.parametrize("split", ["test", "train"])
+def test_a_stream_evaluates_only_a_split_held_in_memory(tmp_path, split):
+    """`evaluate --split test` on data without one, or `--split train` (an endless stream): one line, not a
+    KeyError or an evaluation that never ends."""
+    recipe = streamed(tmp_path / "run", corpus(tmp_path / "corpus", lines=200))
+    with pytest.raises(DataError, match=f"no {split!r} split held in memory"):
+        engine.prepare_data(recipe, engine.get_task("clm"), recipe.args, only=split)
