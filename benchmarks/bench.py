@@ -185,6 +185,8 @@ def one_run(which: str, spec: dict) -> dict:
     if proc.returncode != 0 or line is None:
         sys.exit(f"{which} run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     result = json.loads(line[len("RESULT ") :])
+    if "[bench] top ops" in proc.stderr:  # LLMKIT_BENCH_PROFILE=N (workers.py)
+        print(f"[bench] {which}:", proc.stderr[proc.stderr.index("[bench] top ops") :], file=sys.stderr)
     result["busy_cores_before"] = round(busy, 2)
     return result
 

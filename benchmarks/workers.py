@@ -25,6 +25,9 @@ import sys
 import time
 from pathlib import Path
 
+# LLMKIT_BENCH_PROFILE=N: profile N steps after the warm-up and print the top ops (those steps' times then count
+# the profiler's overhead: for reading, not for the table).
+PROFILE = int(os.environ.get("LLMKIT_BENCH_PROFILE", "0"))
 START = time.time()  # close enough to the process start: only imports of the stdlib came before
 
 
@@ -54,6 +57,15 @@ def timer(warmup: int):
             self.tokens.append(state.num_input_tokens_seen)
             if len(self.ends) == 1:
                 self.first_step = time.time()
+            if PROFILE and len(self.ends) == warmup:
+                from torch.profiler import profile
+
+                self.profiler = profile()
+                self.profiler.__enter__()
+            if PROFILE and len(self.ends) == warmup + PROFILE:
+                self.profiler.__exit__(None, None, None)
+                table = self.profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
+                print(f"[bench] top ops over {PROFILE} steps after warm-up:\n{table}", file=sys.stderr, flush=True)
 
         def result(self, samples_per_step: int) -> dict:
             # The median step, not the mean: a hiccup of this shared VM in one step must not move the number.
