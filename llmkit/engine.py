@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmkit import distill, modeling, onnxrt, preflight, prepared, rundir, streams
+from llmkit import distill, gpu, modeling, onnxrt, preflight, prepared, rundir, streams
 from llmkit.checkpoints import drop_pickled_args, last_checkpoint, saving, trainer_with_atomic_checkpoints
 from llmkit.config import resolve
 from llmkit.data import is_stream
@@ -160,6 +160,7 @@ def model_for_training(
         from llmkit import fastdropout
 
         fastdropout.install(model, choose_attention=recipe.model.attn_implementation is None)
+    args.use_liger_kernel = args.use_liger_kernel or gpu.use_liger(recipe, task, model)
     if "ddp_find_unused_parameters" not in recipe.trainer:
         # DDP searches the autograd graph for parameters without a gradient at every step only where some exist.
         args.ddp_find_unused_parameters = modeling.has_unused_parameters(model)

@@ -12,6 +12,7 @@ import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llmkit import gpu
 from llmkit.errors import RecipeError, first_line, show, suggest
 from llmkit.recipe import check_value
 
@@ -143,12 +144,8 @@ def runtime_settings(trainer: dict) -> dict:
     if "disable_tqdm" not in trainer:
         # A live progress bar on a terminal; one plain line per log step in pipes and CI logs.
         runtime["disable_tqdm"] = os.environ.get("LLMKIT_VERBOSITY") == "quiet" or not sys.stderr.isatty()
-    if "dataloader_pin_memory" not in trainer:
-        import torch
-
-        # Pinned memory only helps host-to-GPU copies; on CPU it just warns.
-        runtime["dataloader_pin_memory"] = torch.cuda.is_available()
-    return runtime
+    # Pinned memory, dataloader workers, TF32: on a CUDA GPU only (llmkit/gpu.py)
+    return {**runtime, **gpu.runtime_levers(trainer)}
 
 
 def restarted_worker_note() -> str | None:

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmkit import onnxrt
+from llmkit import gpu, onnxrt
 from llmkit.errors import RecipeError, first_line, offline_hint, show, suggest
 from llmkit.hf import hub_kwargs
 
@@ -169,7 +169,7 @@ def _build_model(recipe: Recipe, task: Task, tokenizer: Any, extra: dict | None,
     config = build_config(recipe, task, tokenizer, extra or {})
     if meta:
         with torch.device("meta"):
-            return _from_config(auto, config, m)
+            return _from_config(auto, config, m, recipe.trainer)
     if m.name_or_path:
         try:
             # A new head (its labels differ from the checkpoint's) starts random instead of failing.
@@ -178,13 +178,17 @@ def _build_model(recipe: Recipe, task: Task, tokenizer: Any, extra: dict | None,
                 from transformers import BitsAndBytesConfig
 
                 quant["quantization_config"] = BitsAndBytesConfig(**m.quantization)
-            model = auto.from_pretrained(
-                m.name_or_path,
-                config=config,
-                **hub_kwargs(m),
-                ignore_mismatched_sizes="num_labels" in (extra or {}),
-                **quant,
-                **_attention(m),
+            model = _with_attention(
+                lambda attention: auto.from_pretrained(
+                    m.name_or_path,
+                    config=config,
+                    **hub_kwargs(m),
+                    ignore_mismatched_sizes="num_labels" in (extra or {}),
+                    **quant,
+                    **attention,
+                ),
+                m,
+                recipe.trainer,
             )
         except (OSError, ValueError) as e:
             first = first_line(e)
@@ -192,16 +196,16 @@ def _build_model(recipe: Recipe, task: Task, tokenizer: Any, extra: dict | None,
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(tokenizer))
     else:
-        model = _from_config(auto, config, m)
+        model = _from_config(auto, config, m, recipe.trainer)
     if task.seq2seq:
         configure_generation(model, recipe, tokenizer)
     return model
 
 
-def _from_config(auto: Any, config: Any, m: Any) -> Any:
+def _from_config(auto: Any, config: Any, m: Any, trainer: dict) -> Any:
     """auto.from_config with the recipe's attention implementation; a value transformers rejects is a recipe error."""
     try:
-        return auto.from_config(config, **_attention(m))
+        return _with_attention(lambda attention: auto.from_config(config, **attention), m, trainer)
     except ValueError as e:
         raise RecipeError(f"model: {first_line(e)}") from None
 
@@ -234,9 +238,16 @@ def declare_loss_kwargs(model: Any) -> None:
     model.accepts_loss_kwargs = re.search(r"loss_function\((?:[^()]|\([^()]*\))*\*\*kwargs", source) is not None
 
 
-def _attention(m: Any) -> dict:
-    """model.attn_implementation for from_pretrained / from_config (eager beats SDPA at short lengths on CPU)."""
-    return {"attn_implementation": m.attn_implementation} if m.attn_implementation else {}
+def _with_attention(load: Any, m: Any, trainer: dict) -> Any:
+    """load(attention kwargs): model.attn_implementation (eager beats SDPA at short lengths on CPU); unset,
+    flash attention 2 on a CUDA run where flash-attn is installed, and transformers' choice for a model
+    that has none (or no flash attention)."""
+    if not m.attn_implementation and (flash := gpu.flash_attention(trainer)):
+        try:
+            return load({"attn_implementation": flash})
+        except (ValueError, ImportError) as e:
+            log.info("flash attention 2 not used (%s): transformers' default attention", first_line(e))
+    return load({"attn_implementation": m.attn_implementation} if m.attn_implementation else {})
 
 
 def _encoder_decoder(recipe: Recipe, tokenizer: Any, meta: bool) -> Any:
