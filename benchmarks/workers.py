@@ -28,6 +28,7 @@ from pathlib import Path
 # LLMKIT_BENCH_PROFILE=N: profile N steps after the warm-up and print the top ops (those steps' times then count
 # the profiler's overhead: for reading, not for the table).
 PROFILE = int(os.environ.get("LLMKIT_BENCH_PROFILE", "0"))
+CUDA = os.environ.get("LLMKIT_BENCH_GPU") == "1"  # bench.py --gpu
 START = time.time()  # close enough to the process start: only imports of the stdlib came before
 
 
@@ -52,11 +53,26 @@ def timer(warmup: int):
             self.ends: list[float] = []
             self.tokens: list[int] = []
 
+        def on_step_begin(self, args, state, control, **kw):
+            if len(self.ends) == 1:  # steps 2 and 3 (warm-up): the matmul FLOPs the step really executes
+                from torch.utils.flop_counter import FlopCounterMode
+
+                self.flops = FlopCounterMode(display=False)
+                self.flops.__enter__()
+
         def on_step_end(self, args, state, control, **kw):
+            if CUDA:
+                import torch
+
+                torch.cuda.synchronize()  # the step's kernels done, not just queued
             self.ends.append(time.perf_counter())
             self.tokens.append(state.num_input_tokens_seen)
             if len(self.ends) == 1:
                 self.first_step = time.time()
+            if len(self.ends) == 3 and hasattr(self, "flops"):
+                self.flops.__exit__(None, None, None)
+                counted = self.tokens[2] - self.tokens[0]
+                self.executed = self.flops.get_total_flops() / counted if counted else None
             if PROFILE and len(self.ends) == warmup:
                 from torch.profiler import profile
 
@@ -79,13 +95,19 @@ def timer(warmup: int):
                 "samples_per_s_mean": n * samples_per_step / (self.ends[-1] - self.ends[warmup]),
                 "tokens_per_s": tokens_per_step / median if tokens_per_step else None,
                 "first_step_s": self.first_step - _process_start(),
+                "executed_flops_per_token": getattr(self, "executed", None),
             }
 
+    assert warmup >= 3, "steps 2 and 3 count FLOPs: they must be warm-up steps"
     return StepTimer()
 
 
 def _finish(result: dict) -> None:
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if CUDA:
+        import torch
+
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -148,7 +170,11 @@ def run_reference(spec: dict) -> None:
     tok = AutoTokenizer.from_pretrained(run_dir)
     config = AutoConfig.from_pretrained(run_dir)
     attention = {"attn_implementation": "sdpa"} if tuned else {}
-    model = getattr(transformers, spec["auto_model"]).from_config(config, **attention)
+    auto = getattr(transformers, spec["auto_model"])
+    if spec.get("pretrained"):  # the checkpoint's weights, llmkit's label names (the run's config)
+        model = auto.from_pretrained(spec["pretrained"], config=config, ignore_mismatched_sizes=True, **attention)
+    else:
+        model = auto.from_config(config, **attention)
     files = spec["files"]
     ext = Path(files["train"]).suffix.lstrip(".")
     raw = load_dataset("text" if ext == "txt" else "json", data_files=files)
@@ -247,6 +273,8 @@ def run_reference(spec: dict) -> None:
     extra = {"predict_with_generate": True} if seq2seq else {}
     if tuned and task not in ("mlm", "clm"):  # packed blocks are all one length: nothing to group
         extra["train_sampling_strategy"] = "group_by_length"
+    if tuned and CUDA:  # the Trainer's own GPU options (pinned memory is its default)
+        extra.update(tf32=True, dataloader_num_workers=2, dataloader_persistent_workers=True)
     args = args_cls(
         output_dir=spec["output_dir"],
         max_steps=spec["steps"],
@@ -256,7 +284,7 @@ def run_reference(spec: dict) -> None:
         warmup_steps=spec["warmup_steps"],
         weight_decay=0.01,
         bf16=spec["bf16"],
-        use_cpu=True,
+        use_cpu=not CUDA,
         save_strategy="no",
         eval_strategy="no",
         report_to="none",
