@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmkit import modeling
+from llmkit import modeling, teacher_cache
 from llmkit.errors import RecipeError, first_line, offline_hint
 from llmkit.hf import hub_kwargs
 from llmkit.recipefile import load_raw
@@ -130,12 +130,15 @@ def _hidden_mask(inputs: dict, outputs: Any) -> Any:
 
 def trainer_with_teacher(base: type, teacher: Any, recipe: Recipe, task: Task) -> type:
     """`base` (a Trainer class) whose training loss adds the teacher's soft targets (evaluation keeps the task's)."""
-    import torch
 
     d = recipe.distill
     multi_label = getattr(recipe.options, "problem_type", None) == "multi_label_classification"
 
-    class DistillTrainer(base):
+    class DistillTrainer(teacher_cache.KeepsTeacherLogits, base):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.teacher_cache = teacher_cache.TeacherCache() if teacher_cache.wanted(recipe, task) else None
+
         def compute_loss(
             self, model: Any, inputs: dict, return_outputs: bool = False, num_items_in_batch: Any = None
         ) -> Any:
@@ -146,10 +149,9 @@ def trainer_with_teacher(base: type, teacher: Any, recipe: Recipe, task: Task) -
             teacher_inputs = _teacher_inputs(inputs, task.soft_targets, hidden)
             student_inputs = {**inputs, "output_hidden_states": True} if hidden else dict(inputs)
             loss, outputs = super().compute_loss(model, student_inputs, True, num_items_in_batch)
-            with torch.no_grad():
-                taught = teacher(**teacher_inputs)
+            logits, taught = teacher_cache.teacher_logits(self.teacher_cache, teacher, teacher_inputs)
             where = task.soft_targets
-            ours, theirs = soft_positions(outputs.logits, labels, where), soft_positions(taught.logits, labels, where)
+            ours, theirs = soft_positions(outputs.logits, labels, where), soft_positions(logits, labels, where)
             width = min(ours.shape[-1], theirs.shape[-1])  # vocabularies padded to different sizes: the real one
             extra = d.alpha * kl_loss(ours[..., :width], theirs[..., :width], d.temperature, multi_label)
             if hidden:
@@ -408,7 +410,7 @@ def layer_parameters(model: Any) -> int:
     return sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
 
 
-def facts(recipe: Recipe, teacher: Any, student: Any) -> dict:
+def facts(recipe: Recipe, task: Task, teacher: Any, student: Any) -> dict:
     """The distillation's settings and sizes, for the estimate and the summary."""
     d = recipe.distill
     teacher_cost, student_cost = layer_parameters(teacher), layer_parameters(student)
@@ -422,4 +424,6 @@ def facts(recipe: Recipe, teacher: Any, student: Any) -> dict:
         "student_parameters": modeling.count_parameters(student)[1],
         # One teacher forward against the student's forward + backward (about 3 forwards), per token.
         "teacher_cost_per_step": round(teacher_cost / max(3 * student_cost, 1), 3),
+        # the teacher's logits kept per example: from the second epoch on it does not run (teacher_cache.py)
+        "teacher_logits_kept": teacher_cache.wanted(recipe, task),
     }

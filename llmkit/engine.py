@@ -117,7 +117,7 @@ def estimate(recipe: Recipe, task: Task, tokenizer: Any, tokenized: Any, teacher
         "steps": steps,
         "epochs": "a stream (no length)" if streamed else steps / steps_per_epoch,
         "bf16": bool(args.bf16),
-        **({"distill": distill.facts(recipe, teacher, model)} if teacher is not None else {}),
+        **({"distill": distill.facts(recipe, task, teacher, model)} if teacher is not None else {}),
     }
 
 
@@ -284,7 +284,7 @@ def _teacher_facts(recipe: Recipe, task: Task, tokenizer: Any, teacher: Any, stu
     import dataclasses
     import tempfile
 
-    out = distill.facts(recipe, teacher, student)
+    out = distill.facts(recipe, task, teacher, student)
     if evaluation is not None:
         # What the metrics save (a confusion matrix) and the loggers record belong to the student: none of it here.
         with tempfile.TemporaryDirectory() as elsewhere:

@@ -46,6 +46,7 @@ class DistillSection:
     temperature: float = 2.0  # softens both distributions; the soft loss is multiplied by its square
     alpha: float = 0.5  # weight of the soft loss (KL to the teacher); the task's own loss keeps 1 - alpha
     hidden_loss: float = 0.0  # weight of 1 - cosine between the last hidden states (needs equal widths); 0: off
+    cache: bool = True  # keep the teacher's logits per example where inputs repeat: later epochs skip the teacher
 
 
 @dataclass

@@ -79,6 +79,7 @@ class Task:
     causal: bool = False  # a left-to-right model: a trained tokenizer gets GPT-style special tokens
     tokens_per_sample: bool = True  # samples are packed blocks of data.max_length tokens
     soft_targets: str = LABELLED  # SEQUENCE | LABELLED | NEXT: where distillation compares teacher and student
+    random_inputs: bool = False  # the collator draws new inputs each time (MLM masks): a teacher's logits don't repeat
 
     def training_args_cls(self) -> type:
         import transformers

@@ -212,4 +212,5 @@ TASK = Task(
     validate=_validate,
     prepare_model=lambda recipe, model: _speed_up(recipe, model),
     perplexity=True,
+    random_inputs=True,  # masks drawn by the collator each time
 )

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from test_resume import _assert_same_run, _killed, _overrides
 from typer.testing import CliRunner
 
-from llmkit import distill, engine, rundir
+from llmkit import distill, engine, rundir, teacher_cache
 from llmkit.cli import app
 from llmkit.config import load_recipe, resolve
 from llmkit.errors import RecipeError
@@ -270,3 +270,26 @@ def test_a_plain_checkpoint_folder_teaches_and_an_untrained_head_is_refused(tmp_
     student = ["model.config=null", f"model.name_or_path={base}", "tokenizer.train=null", f"distill.teacher={base}"]
     with pytest.raises(RecipeError, match="has no trained classification head"):
         engine.train(_recipe("classification", tmp_path / "x", *student), dry_run=True)
+
+
+def test_kept_teacher_logits_skip_the_teacher_in_epoch_two_and_resume_exactly(tmp_path, teachers, monkeypatch):
+    # 64 rows in batches of 16: steps 1-4 are epoch 1 (the teacher runs), 5-6 epoch 2 (its kept logits are read)
+    extra = [*_student("classification", teachers["classification"])[1], "trainer.per_device_train_batch_size=16"]
+    caches = []
+    init = teacher_cache.TeacherCache.__init__
+
+    def spy(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        caches.append(self)
+
+    monkeypatch.setattr(teacher_cache.TeacherCache, "__init__", spy)
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    engine.train(resolve(load_recipe(RECIPES / "tiny/classification.yaml", _overrides(reference, extra))))
+    texts = [json.loads(line)["text"] for line in (ROOT / "tests/fixtures/classification/train.jsonl").open()]
+    assert (caches[0].misses, caches[0].hits, len(caches[0].rows)) == (4, 2, len(set(texts)))  # 62: 2 texts repeat
+    assert (reference / "checkpoint-6" / "teacher_logits_0.pt").exists()
+    # killed in epoch 2, resumed from checkpoint-3: its 48 kept examples come back, step 4 runs the teacher
+    _killed("finetune", "tiny/classification.yaml", killed, at=5, where="step", extra=extra)
+    engine.train(resolve(load_recipe(RECIPES / "tiny/classification.yaml", _overrides(killed, extra))), resume=True)
+    assert (caches[1].misses, caches[1].hits) == (1, 2)
+    _assert_same_run(reference, killed, resumed_from=3)
