@@ -35,17 +35,17 @@ class TeacherCache:
 
     def keys(self, inputs: dict) -> list[bytes]:
         """One key per row of the batch: its real tokens (attention mask), token types and labelled positions."""
-        mask = inputs["attention_mask"].bool()
+        mask = inputs["attention_mask"].bool().cpu()  # one copy from the device per batch, not one per row
         parts = [inputs["input_ids"], inputs.get("token_type_ids")]
         labels = inputs.get("labels")
         if labels is not None and labels.shape == mask.shape:
             parts.append(labels != IGNORE)
+        parts = [part.cpu().numpy() for part in parts if part is not None]
         keys = []
-        for row in range(mask.shape[0]):
+        for row, real in enumerate(mask.numpy()):
             digest = hashlib.blake2b(digest_size=16)
             for part in parts:
-                if part is not None:
-                    digest.update(part[row][mask[row]].cpu().numpy().tobytes())
+                digest.update(part[row][real].tobytes())
             keys.append(digest.digest())
         return keys
 
