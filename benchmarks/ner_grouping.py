@@ -147,13 +147,17 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[42, 1, 2])
     p.add_argument("--runs", nargs="+", default=["plain-random", "plain-grouped", "llmkit"])
     p.add_argument("--llmkit-args", nargs="*", default=[])
+    p.add_argument("--as", dest="label", help="the table's name for the llmkit runs (default: llmkit)")
     p.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # NAME SEED: one run in this process
     a = p.parse_args()
     if a.one:
         print("RESULT " + json.dumps(one(a.one[0], int(a.one[1]), a.llmkit_args)), flush=True)
         return
     OUT.mkdir(parents=True, exist_ok=True)
-    results = {"settings": SETTINGS, "llmkit_args": a.llmkit_args, "runs": {}}
+    stem = ROOT / "benchmarks" / "results-ner-grouping"
+    # runs of earlier invocations stay (another llmkit version or setting, under its own --as name)
+    results = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").exists() else {}
+    results = {"settings": SETTINGS, "runs": {}, **results}
     started = time.time()
     for name in a.runs:
         for seed in a.seeds:
@@ -162,11 +166,11 @@ def main() -> None:
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if proc.returncode or line is None:
                 sys.exit(f"{name} seed {seed} failed:\n{proc.stderr[-3000:]}")
-            results["runs"].setdefault(name, {})[str(seed)] = json.loads(line[len("RESULT ") :])
-            print(f"[ner-grouping] {name} seed {seed}: {results['runs'][name][str(seed)]}", file=sys.stderr)
+            label = a.label if name == "llmkit" and a.label else name
+            results["runs"].setdefault(label, {})[str(seed)] = json.loads(line[len("RESULT ") :])
+            print(f"[ner-grouping] {label} seed {seed}: {results['runs'][label][str(seed)]}", file=sys.stderr)
     results["wall_s"] = round(time.time() - started)
     md = table(results)
-    stem = ROOT / "benchmarks" / "results-ner-grouping"
     stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     stem.with_suffix(".md").write_text(md)
     print(md)
