@@ -32,6 +32,7 @@ class TeacherCache:
         self.size = 0
         self.limit = limit_bytes
         self.hits = self.misses = 0
+        self.off = False  # outputs too wide to keep (a vocabulary): no keys computed any more
 
     def keys(self, inputs: dict) -> list[bytes]:
         """One key per row of the batch: its real tokens (attention mask), token types and labelled positions."""
@@ -109,13 +110,15 @@ def teacher_logits(cache: TeacherCache | None, teacher: Any, inputs: dict) -> tu
     """(the teacher's logits for this batch, its whole output or None when the logits came from the cache)."""
     import torch
 
-    keys = cache.keys(inputs) if cache is not None and "attention_mask" in inputs else None
+    keys = cache.keys(inputs) if cache is not None and not cache.off and "attention_mask" in inputs else None
     if keys is not None and (logits := cache.lookup(keys, inputs)) is not None:
         return logits, None
     with torch.no_grad():
         taught = teacher(**inputs)
-    if keys is not None and taught.logits.shape[-1] <= MAX_CLASSES:
-        cache.store(keys, taught.logits, inputs)
+    if keys is not None:
+        cache.off = taught.logits.shape[-1] > MAX_CLASSES
+        if not cache.off:
+            cache.store(keys, taught.logits, inputs)
     return taught.logits, taught
 
 

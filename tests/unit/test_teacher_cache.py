@@ -73,7 +73,8 @@ def test_vocabulary_wide_outputs_and_a_full_cache_are_not_kept():
     wide = Teacher(classes=teacher_cache.MAX_CLASSES + 1)
     cache = TeacherCache()
     teacher_logits(cache, wide, _batch([[5, 6]]))
-    assert cache.rows == {}
+    teacher_logits(cache, wide, _batch([[5, 6]]))
+    assert cache.rows == {} and cache.off and wide.calls == 2 and cache.misses == 1  # no key looked up again
     small = TeacherCache(limit_bytes=1)
     teacher_logits(small, Teacher(), _batch([[5, 6]]))
     teacher_logits(small, Teacher(), _batch([[7, 8]]))
