@@ -137,7 +137,7 @@ def trainer_with_teacher(base: type, teacher: Any, recipe: Recipe, task: Task) -
     class DistillTrainer(teacher_cache.KeepsTeacherLogits, base):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            self.teacher_cache = teacher_cache.TeacherCache() if teacher_cache.wanted(recipe, task) else None
+            self.teacher_cache = teacher_cache.TeacherCache() if teacher_cache.wanted(recipe, task, teacher) else None
 
         def compute_loss(
             self, model: Any, inputs: dict, return_outputs: bool = False, num_items_in_batch: Any = None
@@ -425,5 +425,5 @@ def facts(recipe: Recipe, task: Task, teacher: Any, student: Any) -> dict:
         # One teacher forward against the student's forward + backward (about 3 forwards), per token.
         "teacher_cost_per_step": round(teacher_cost / max(3 * student_cost, 1), 3),
         # the teacher's logits kept per example: from the second epoch on it does not run (teacher_cache.py)
-        "teacher_logits_kept": teacher_cache.wanted(recipe, task),
+        "teacher_logits_kept": teacher_cache.wanted(recipe, task, teacher),
     }

@@ -100,10 +100,14 @@ class TeacherCache:
                     self.size += row.numel() * row.element_size() + len(key)
 
 
-def wanted(recipe: Any, task: Any) -> bool:
-    """Whether a distillation run keeps its teacher's logits (the width is checked at the first batch)."""
+def wanted(recipe: Any, task: Any, teacher: Any) -> bool:
+    """Whether a distillation run keeps its teacher's logits: not where the teacher's head predicts words (a
+    language model's vocabulary; the width is checked again at the first batch)."""
     d = recipe.distill
-    return d is not None and d.alpha > 0 and d.hidden_loss == 0 and d.cache and not task.random_inputs
+    if d is None or d.alpha == 0 or d.hidden_loss > 0 or not d.cache or task.random_inputs:
+        return False
+    words = getattr(teacher, "get_output_embeddings", lambda: None)()
+    return words is None
 
 
 def teacher_logits(cache: TeacherCache | None, teacher: Any, inputs: dict) -> tuple[Any, Any]:

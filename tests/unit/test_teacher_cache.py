@@ -101,8 +101,11 @@ def test_kept_only_where_inputs_repeat_and_no_hidden_states_are_needed():
         )
 
     fixed, masked = types.SimpleNamespace(random_inputs=False), types.SimpleNamespace(random_inputs=True)
-    assert teacher_cache.wanted(recipe(), fixed)
-    assert not teacher_cache.wanted(recipe(), masked)  # MLM: new masks every time
-    assert not teacher_cache.wanted(recipe(hidden_loss=1.0), fixed)
-    assert not teacher_cache.wanted(recipe(alpha=0), fixed)  # no teacher at all
-    assert not teacher_cache.wanted(recipe(cache=False), fixed)
+    labels = torch.nn.Linear(4, 3)  # a classification head: no output embeddings
+    words = types.SimpleNamespace(get_output_embeddings=lambda: torch.nn.Linear(4, 50000))  # an LM head
+    assert teacher_cache.wanted(recipe(), fixed, labels)
+    assert not teacher_cache.wanted(recipe(), fixed, words)  # clm, summarization: a vocabulary per position
+    assert not teacher_cache.wanted(recipe(), masked, labels)  # MLM: new masks every time
+    assert not teacher_cache.wanted(recipe(hidden_loss=1.0), fixed, labels)
+    assert not teacher_cache.wanted(recipe(alpha=0), fixed, labels)  # no teacher at all
+    assert not teacher_cache.wanted(recipe(cache=False), fixed, labels)
