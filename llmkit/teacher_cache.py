@@ -73,6 +73,8 @@ class TeacherCache:
             return
         mask = inputs["attention_mask"].bool()
         for i, key in enumerate(keys):
+            if key in self.rows:  # kept already (a repeated example, or one of a batch that missed): as it was
+                continue
             row = logits[i] if logits.dim() == 2 else logits[i][mask[i]]
             row = row.detach().to("cpu", copy=True)
             self.rows[key] = row
