@@ -114,6 +114,55 @@ def _metrics(recipe: Any, tokenizer: Any, eval_ds: Any) -> tuple[Any, Any]:
     return compute, reduce
 
 
+# Sequence classifiers whose head reads the first token's final hidden state alone (BERT's pooler, the
+# RoBERTa and ELECTRA heads), with BERT's layer layout: their last layer need not finish the other positions.
+FIRST_TOKEN_HEADS = {
+    "BertForSequenceClassification",
+    "RobertaForSequenceClassification",
+    "XLMRobertaForSequenceClassification",
+    "CamembertForSequenceClassification",
+    "ElectraForSequenceClassification",
+}
+
+
+def last_layer_first_token_only(model: Any) -> bool:
+    """Finish the last layer at the first token only: its attention output projection and feed-forward block.
+
+    The head reads position 0 of the last hidden state and nothing else; every other position of the last
+    layer feeds no output. Its attention still runs in full (position 0 attends to all), then one forward
+    pre-hook on the attention's output block (dense, dropout, residual, LayerNorm) passes position 0 alone,
+    so the rest of the layer works on one token per sequence: 9/12 of a layer's matmuls at the others
+    skipped (12% of a 6-layer model's encoder, forward and backward). Logits, loss and gradients are the
+    same; the model's code, weights and state dict are untouched. Returns whether it applied (not to other
+    heads, decoders, or a chunked feed-forward; the last hidden state then has one position).
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a PEFT wrapper
+    config = getattr(base, "config", None)
+    if type(base).__name__ not in FIRST_TOKEN_HEADS or config is None:
+        return False
+    if config.is_decoder or getattr(config, "add_cross_attention", False) or config.chunk_size_feed_forward:
+        return False
+    layers = getattr(getattr(base.base_model, "encoder", None), "layer", None)
+    block = getattr(getattr(layers[-1], "attention", None), "output", None) if layers else None
+    if block is None or getattr(block, "_llmkit_first_token", False):
+        return block is not None
+
+    def first_token(module: Any, args: tuple) -> Any:
+        if len(args) == 2 and all(a.dim() == 3 for a in args):
+            return tuple(a[:, :1] for a in args)
+        return None
+
+    block.register_forward_pre_hook(first_token)
+    block._llmkit_first_token = True
+    return True
+
+
+def _speed_up(recipe: Any, model: Any) -> None:
+    # Not with distillation's hidden-state loss: it compares the last hidden states at every position.
+    if recipe.distill is None or not recipe.distill.hidden_loss:
+        last_layer_first_token_only(model)
+
+
 def _predict(recipe: Any, model: Any, tokenizer: Any, rows: list[dict], batch_size: int = 32) -> list[dict]:
     import torch
 
@@ -165,6 +214,7 @@ TASK = Task(
     model_kwargs=_model_kwargs,
     predict=_predict,
     validate=_validate,
+    prepare_model=_speed_up,
     # Batches of similar lengths: dynamic padding then pads little (megabatches stay shuffled).
     trainer_defaults={"train_sampling_strategy": "group_by_length"},
     tokens_per_sample=False,

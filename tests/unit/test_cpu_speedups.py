@@ -190,3 +190,66 @@ def test_training_keeps_freed_memory_for_reuse_unless_opted_out(monkeypatch):
     monkeypatch.setenv("LLMKIT_MALLOC", "default")
     memory.keep_freed_memory()
     assert calls == []
+
+
+def _classifier(kind: str, attn: str):
+    import transformers
+
+    common = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                  max_position_embeddings=40, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
+    config = {"bert": transformers.BertConfig, "roberta": transformers.RobertaConfig,
+              "electra": transformers.ElectraConfig}[kind](**common)  # fmt: skip
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    return transformers.AutoModelForSequenceClassification.from_config(config)
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta", "electra"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_first_token_only_last_layer_keeps_logits_loss_and_gradients(kind, attn):
+    import copy
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from llmkit.tasks.classification import last_layer_first_token_only
+
+    full = _classifier(kind, attn)
+    fast = copy.deepcopy(full)
+    assert last_layer_first_token_only(fast) and last_layer_first_token_only(fast)  # a second call: no second hook
+    ids = torch.randint(5, 60, (4, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = mask[3, 3:] = 0  # padded rows
+    batch = dict(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 2, 1, 2]))
+    flops = {}
+    for name, model in (("full", full), ("fast", fast)):
+        with FlopCounterMode(display=False) as counter:
+            model(**batch).loss.backward()
+        flops[name] = counter.get_total_flops()
+    a, b = full(**batch), fast(**batch)
+    assert torch.allclose(a.logits, b.logits, atol=1e-5) and torch.allclose(a.loss, b.loss, atol=1e-6)
+    for (n, p), q in zip(full.named_parameters(), fast.parameters(), strict=True):
+        assert (p.grad is None) == (q.grad is None), n
+        if p.grad is not None:
+            assert torch.allclose(p.grad, q.grad, atol=1e-5), n
+    assert flops["fast"] < 0.85 * flops["full"], flops  # the last of 2 layers works on one position of 12
+    assert full.state_dict().keys() == fast.state_dict().keys()
+
+
+def test_first_token_only_is_left_out_for_other_heads_and_the_hidden_loss():
+    import transformers
+
+    from llmkit.tasks.classification import TASK, last_layer_first_token_only
+
+    gpt2 = transformers.GPT2ForSequenceClassification(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2))
+    assert not last_layer_first_token_only(gpt2)  # reads the last token
+    tokens = transformers.BertForTokenClassification(transformers.BertConfig(hidden_size=16, num_hidden_layers=1,
+                                                                              num_attention_heads=2, intermediate_size=32))  # fmt: skip
+    assert not last_layer_first_token_only(tokens)
+    recipe = type("R", (), {"distill": type("D", (), {"hidden_loss": 1.0})()})()
+    model = _classifier("bert", "eager")
+    TASK.prepare_model(recipe, model)
+    block = model.bert.encoder.layer[-1].attention.output
+    assert not getattr(block, "_llmkit_first_token", False)
+    recipe.distill.hidden_loss = 0.0
+    TASK.prepare_model(recipe, model)
+    assert block._llmkit_first_token
