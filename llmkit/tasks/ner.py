@@ -185,7 +185,7 @@ TASK = Task(
     labels=_labels,
     model_kwargs=lambda recipe: label_config(recipe.options.labels),
     predict=_predict,
-    # Batches of similar lengths: dynamic padding then pads little (megabatches stay shuffled).
-    trainer_defaults={"train_sampling_strategy": "group_by_length"},
+    # Random batches (the Trainer's default), not length-grouped ones: on WNUT-17 / MiniLM over 6 seeds grouping
+    # trained 1.6x as fast but cost 2.9 test F1 points with every other setting equal (README, NER accuracy).
     tokens_per_sample=False,
 )
