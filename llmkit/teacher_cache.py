@@ -62,10 +62,10 @@ class TeacherCache:
         device = inputs["input_ids"].device
         if rows[0].dim() == 1:  # one row of logits per sequence
             return torch.stack(rows).to(device)
-        mask = inputs["attention_mask"].bool()
+        mask = inputs["attention_mask"].bool().cpu()  # one copy from the device, not one per row
         out = torch.zeros((*mask.shape, rows[0].shape[-1]), dtype=rows[0].dtype)
         for i, row in enumerate(rows):
-            out[i][mask[i].cpu()] = row
+            out[i][mask[i]] = row
         return out.to(device)
 
     def store(self, keys: list[bytes], logits: Any, inputs: dict) -> None:
@@ -76,9 +76,7 @@ class TeacherCache:
             if key in self.rows:  # kept already (a repeated example, or one of a batch that missed): as it was
                 continue
             row = logits[i] if logits.dim() == 2 else logits[i][mask[i]]
-            row = row.detach().to("cpu", copy=True)
-            self.rows[key] = row
-            self.size += row.numel() * row.element_size() + len(key)
+            self._keep(key, row.detach().to("cpu", copy=True))
         if self.size >= self.limit:
             log.info(
                 "teacher logits: %d examples kept (%d MB); later ones are run each time",
@@ -98,8 +96,11 @@ class TeacherCache:
         for path in sorted(checkpoint.glob(STATE.format("*"))):
             for key, row in torch.load(path, weights_only=True).items():
                 if key not in self.rows:
-                    self.rows[key] = row
-                    self.size += row.numel() * row.element_size() + len(key)
+                    self._keep(key, row)
+
+    def _keep(self, key: bytes, row: Any) -> None:
+        self.rows[key] = row
+        self.size += row.numel() * row.element_size() + len(key)
 
 
 def wanted(recipe: Any, task: Any, teacher: Any) -> bool:
