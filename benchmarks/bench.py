@@ -156,32 +156,30 @@ def matmul_peak(device: str = "cpu") -> dict:
     out = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
-        for _ in range(3):
-            a @ b
-        best = 0.0
-        for _ in range(6):
-            n, t0 = 0, time.perf_counter()
-            while time.perf_counter() - t0 < 0.4:
-                a @ b
-                n += 1
-            sync()
-            best = max(best, 2 * size**3 * n / (time.perf_counter() - t0) / 1e12)
-        out[name] = best
+        out[name] = _tflops(a, b, sync, trials=6, seconds=0.4)
     # The largest matmul the workloads run: the vocabulary head over a batch (32 x 128 tokens, 256 wide, 8,000
     # words), to check the square peak is one their shapes can reach.
     x, w = (
         torch.randn(4096, 256, dtype=torch.bfloat16, device=device),
         torch.randn(256, 8000, dtype=torch.bfloat16, device=device),
     )
-    for _ in range(3):
-        x @ w
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < 1.0:
-        x @ w
-        n += 1
-    sync()
-    out["bf16_head"] = 2 * 4096 * 256 * 8000 * n / (time.perf_counter() - t0) / 1e12
+    out["bf16_head"] = _tflops(x, w, sync, trials=1, seconds=1.0)
     return out
+
+
+def _tflops(a, b, sync, trials: int, seconds: float) -> float:
+    """TFLOP/s of `a @ b` after 3 warm-up products: the best of `trials` runs of `seconds` each."""
+    for _ in range(3):
+        a @ b
+    best = 0.0
+    for _ in range(trials):
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            a @ b
+            n += 1
+        sync()
+        best = max(best, 2 * a.shape[0] * a.shape[1] * b.shape[1] * n / (time.perf_counter() - t0) / 1e12)
+    return best
 
 
 def describe_device(gpu: bool) -> str:
