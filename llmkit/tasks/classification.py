@@ -10,6 +10,7 @@ from llmkit.errors import DataError, RecipeError
 from llmkit.rows import LABEL, PAIR, TEXT, tokenize_splits
 from llmkit.tasks._labels import feature_names, label_config, resolve_labels
 from llmkit.tasks.base import SEQUENCE, Role, Task
+from llmkit.unpad import skip_padding
 
 SINGLE, MULTI = "single_label_classification", "multi_label_classification"
 
@@ -161,6 +162,8 @@ def _speed_up(recipe: Any, model: Any) -> None:
     # Not with distillation's hidden-state loss: it compares the last hidden states at every position.
     if recipe.distill is None or not recipe.distill.hidden_loss:
         last_layer_first_token_only(model)
+        if not getattr(recipe.args, "torch_compile", False):  # a compiled graph wants fixed shapes, not gathers
+            skip_padding(model)
 
 
 def _predict(recipe: Any, model: Any, tokenizer: Any, rows: list[dict], batch_size: int = 32) -> list[dict]:

@@ -245,7 +245,7 @@ def test_first_token_only_is_left_out_for_other_heads_and_the_hidden_loss():
     tokens = transformers.BertForTokenClassification(transformers.BertConfig(hidden_size=16, num_hidden_layers=1,
                                                                               num_attention_heads=2, intermediate_size=32))  # fmt: skip
     assert not last_layer_first_token_only(tokens)
-    recipe = type("R", (), {"distill": type("D", (), {"hidden_loss": 1.0})()})()
+    recipe = type("R", (), {"distill": type("D", (), {"hidden_loss": 1.0})(), "args": None})()
     model = _classifier("bert", "eager")
     TASK.prepare_model(recipe, model)
     block = model.bert.encoder.layer[-1].attention.output
@@ -253,3 +253,111 @@ def test_first_token_only_is_left_out_for_other_heads_and_the_hidden_loss():
     recipe.distill.hidden_loss = 0.0
     TASK.prepare_model(recipe, model)
     assert block._llmkit_first_token
+
+
+def _tagger(kind: str, attn: str):
+    import transformers
+
+    common = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                  max_position_embeddings=40, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
+    config = {"bert": transformers.BertConfig, "roberta": transformers.RobertaConfig,
+              "electra": transformers.ElectraConfig}[kind](**common)  # fmt: skip
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    return transformers.AutoModelForTokenClassification.from_config(config)
+
+
+def _padded_batch(rows_labels):
+    ids = torch.randint(5, 60, (4, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = mask[3, 3:] = 0  # right-padded rows
+    labels = torch.randint(0, 3, (4, 12)).masked_fill(mask == 0, -100) if rows_labels is None else rows_labels
+    return dict(input_ids=ids, attention_mask=mask, labels=labels), mask
+
+
+@pytest.mark.parametrize("head", ["tokens", "sequence"])
+@pytest.mark.parametrize("kind", ["bert", "roberta", "electra"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_skipping_padding_keeps_real_outputs_loss_and_gradients(head, kind, attn):
+    import copy
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from llmkit.tasks.classification import last_layer_first_token_only
+    from llmkit.unpad import skip_padding
+
+    full = _tagger(kind, attn) if head == "tokens" else _classifier(kind, attn)
+    fast = copy.deepcopy(full)
+    if head == "sequence":  # as classification installs both: the last layer keeps its first-token hook
+        assert last_layer_first_token_only(full) and last_layer_first_token_only(fast)
+    assert skip_padding(fast) and skip_padding(fast)  # a second call: no second set of hooks
+    batch, mask = _padded_batch(None if head == "tokens" else torch.tensor([0, 2, 1, 2]))
+    flops = {}
+    for name, model in (("full", full), ("fast", fast)):
+        with FlopCounterMode(display=False) as counter:
+            model(**batch).loss.backward()
+        flops[name] = counter.get_total_flops()
+    a, b = full(**batch), fast(**batch)
+    real = mask.bool() if head == "tokens" else slice(None)
+    assert torch.allclose(a.logits[real], b.logits[real], atol=1e-5) and torch.allclose(a.loss, b.loss, atol=1e-6)
+    for (n, p), q in zip(full.named_parameters(), fast.parameters(), strict=True):
+        assert (p.grad is None) == (q.grad is None), n
+        if p.grad is not None:
+            assert torch.allclose(p.grad, q.grad, atol=1e-5), n
+    # 34 of 48 positions are real; a classifier's last layer already runs at the first token only
+    assert flops["fast"] < (0.9 if head == "tokens" else 0.97) * flops["full"], flops
+    assert full.state_dict().keys() == fast.state_dict().keys()
+    unpadded = dict(batch, attention_mask=torch.ones_like(mask))  # no padding: nothing gathered, same outputs
+    assert torch.allclose(full(**unpadded).logits, fast(**unpadded).logits, atol=1e-5)
+
+
+def test_skipping_padding_leaves_other_models_alone():
+    import transformers
+
+    from llmkit.unpad import skip_padding
+
+    assert not skip_padding(
+        transformers.GPT2ForSequenceClassification(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2))
+    )
+    decoder = transformers.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                      is_decoder=True)  # fmt: skip
+    assert not skip_padding(transformers.BertForTokenClassification(decoder))
+
+
+@pytest.mark.parametrize("task_name", ["ner", "classification"])
+def test_tasks_skip_padding_unless_the_hidden_loss_or_compile_needs_every_position(task_name):
+    from types import SimpleNamespace as NS
+
+    from llmkit.tasks import get_task
+
+    task = get_task(task_name)
+    build = (lambda: _tagger("bert", "eager")) if task_name == "ner" else (lambda: _classifier("bert", "eager"))
+    plain = NS(distill=None, args=NS(torch_compile=False))
+    for recipe, expected in (
+        (plain, True),
+        (NS(distill=NS(hidden_loss=1.0), args=plain.args), False),
+        (NS(distill=None, args=NS(torch_compile=True)), False),
+    ):
+        model = build()
+        task.prepare_model(recipe, model)
+        assert getattr(model.bert, "_llmkit_skips_padding", False) is expected, recipe
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_skipping_padding_under_gradient_checkpointing(reentrant):
+    import copy
+
+    from llmkit.unpad import skip_padding
+
+    full = _tagger("bert", "eager")
+    fast = copy.deepcopy(full)
+    assert skip_padding(fast)
+    batch, mask = _padded_batch(None)
+    for model in (full, fast):  # the backward pass runs each layer again: it must gather as the forward did
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.train()
+        batch["input_ids"].requires_grad_(False)
+        model(**batch).loss.backward()
+    for (n, p), q in zip(full.named_parameters(), fast.parameters(), strict=True):
+        if p.grad is not None:
+            assert torch.allclose(p.grad, q.grad, atol=1e-5), n

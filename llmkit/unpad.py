@@ -1,0 +1,122 @@
+"""Encoder layers that skip padding: a BERT-family encoder's per-token blocks run on the batch's real tokens only.
+
+A fine-tuning batch is padded to its longest row: a random batch of 32 WNUT-17 tweets (MiniLM tokens) holds 1.85
+positions per real token. Attention's scores need the padded [rows, width] layout, but every matmul around them
+works token by token: the query, key and value projections, the attention output block (dense, dropout, residual,
+LayerNorm) and the feed-forward block, all 12 of a layer's hidden x hidden matmuls. Forward pre-hooks on those
+blocks gather the real tokens of their inputs into one [1, tokens, hidden] row (a layer's input once, for its
+four users); forward hooks scatter the projections' and the layer's outputs back to [rows, width, ...], zeros at
+padding. Padded positions never reach a real one (the attention mask hides them as keys; their labels are
+ignored), so the outputs at real positions, the loss and the gradients are unchanged (tested); the model's code,
+weights and state dict are untouched. Where the batch has no padding the hooks do nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Encoders whose layers are BERT's: layer.attention.output(context, residual) then the feed-forward block.
+ENCODERS = {"bert", "roberta", "xlm-roberta", "camembert", "electra"}
+
+
+class _RealTokens:
+    """One model's current batch: the flat indices of its real positions (None: no padding) and its shape."""
+
+    index: Any = None
+    shape: tuple = ()
+    last: tuple = ()  # (padded tensor, its gathered tokens) pairs: the last two gathered
+
+
+def skip_padding(model: Any) -> bool:
+    """Install the hooks on a BERT-family encoder (not decoders, cross-attention or a chunked feed-forward).
+    A layer whose attention output already runs at the first token only (classification's last layer) is left
+    to that hook. Returns whether it applies; a second call installs nothing more."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a PEFT wrapper
+    config = getattr(base, "config", None)
+    if config is None or getattr(config, "model_type", None) not in ENCODERS:
+        return False
+    if config.is_decoder or getattr(config, "add_cross_attention", False) or config.chunk_size_feed_forward:
+        return False
+    encoder_model = base.base_model
+    layers = getattr(getattr(encoder_model, "encoder", None), "layer", None)
+    blocks = [getattr(getattr(layer, "attention", None), "output", None) for layer in layers or []]
+    if not blocks or any(b is None for b in blocks):
+        return False
+    if getattr(encoder_model, "_llmkit_skips_padding", False):
+        return True
+    batch = _RealTokens()
+    encoder_model.register_forward_pre_hook(_reader(batch), with_kwargs=True)
+    for layer, block in zip(layers, blocks, strict=True):
+        # The gathered layer input is reused within one attention block only: under gradient checkpointing the
+        # block runs again in the backward pass, and must gather (and save for its backward) exactly as before.
+        layer.attention.register_forward_pre_hook(_forget(batch))
+        for projection in _projections(layer):
+            projection.register_forward_pre_hook(_gather(batch, projection))
+            projection.register_forward_hook(_scatter(batch, projection))
+        if not getattr(block, "_llmkit_first_token", False):
+            block.register_forward_pre_hook(_gather(batch, layer))
+            layer.register_forward_hook(_scatter(batch, layer))
+    encoder_model._llmkit_skips_padding = True
+    return True
+
+
+def _projections(layer: Any) -> list:
+    attention = getattr(getattr(layer, "attention", None), "self", None)
+    found = [getattr(attention, name, None) for name in ("query", "key", "value")]
+    return found if all(p is not None for p in found) else []
+
+
+def _reader(batch: _RealTokens) -> Any:
+    def read_mask(module: Any, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        batch.index, batch.last = None, ()
+        if mask is None or getattr(mask, "dim", lambda: 0)() != 2:
+            return
+        real = mask.reshape(-1).ne(0)
+        if not bool(real.all()):
+            batch.index, batch.shape = real.nonzero().squeeze(1), tuple(mask.shape)
+
+    return read_mask
+
+
+def _forget(batch: _RealTokens) -> Any:
+    def forget(module: Any, args: tuple) -> None:
+        batch.last = ()
+
+    return forget
+
+
+def _pack(batch: _RealTokens, a: Any) -> Any:
+    """[rows, width, d] -> [1, tokens, d]. A layer's input feeds four blocks (query, key, value and the residual
+    of the attention's output block): gathered once."""
+    for seen, packed in batch.last:
+        if seen is a:
+            return packed
+    packed = a.reshape(-1, a.shape[-1]).index_select(0, batch.index).unsqueeze(0)
+    batch.last = ((a, packed), *batch.last[:1])  # the layer input stays while its attention's context comes by
+    return packed
+
+
+def _gather(batch: _RealTokens, owner: Any) -> Any:
+    def gather(module: Any, args: tuple) -> Any:
+        owner._llmkit_packed = False
+        if batch.index is None or not args or any(a.dim() != 3 or a.shape[:2] != batch.shape for a in args):
+            return None
+        owner._llmkit_packed = True
+        return tuple(_pack(batch, a) for a in args)
+
+    return gather
+
+
+def _scatter(batch: _RealTokens, owner: Any) -> Any:
+    import torch
+
+    def scatter(module: Any, args: tuple, output: Any) -> Any:
+        if not getattr(owner, "_llmkit_packed", False) or not isinstance(output, torch.Tensor):
+            return None
+        owner._llmkit_packed = False
+        rows, width = batch.shape
+        flat = output.new_zeros(rows * width, output.shape[-1])
+        return flat.index_copy(0, batch.index, output[0]).view(rows, width, -1)
+
+    return scatter
