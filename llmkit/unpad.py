@@ -7,8 +7,10 @@ LayerNorm) and the feed-forward block, all 12 of a layer's hidden x hidden matmu
 blocks gather the real tokens of their inputs into one [1, tokens, hidden] row (a layer's input once, for its
 four users); forward hooks scatter the projections' and the layer's outputs back to [rows, width, ...], zeros at
 padding. Padded positions never reach a real one (the attention mask hides them as keys; their labels are
-ignored), so the outputs at real positions, the loss and the gradients are unchanged (tested); the model's code,
-weights and state dict are untouched. Where the batch has no padding the hooks do nothing.
+ignored; batches padded on the left are left alone, as a classifier reads position 0), so the outputs at real
+positions, the loss and the gradients are unchanged for the same dropout masks (tested; dropout now draws them
+over the real tokens only); the model's code, weights and state dict are untouched. Where the batch has no
+padding the hooks do nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +27,16 @@ class _RealTokens:
     index: Any = None
     shape: tuple = ()
     last: tuple = ()  # (padded tensor, its gathered tokens) pairs: the last two gathered
+
+
+def wanted(recipe: Any) -> bool:
+    """Whether a run's model should skip padding: not with distillation's hidden-state loss (it compares hidden
+    states at padded positions too), under torch.compile (a compiled graph wants fixed shapes, not gathers) or
+    under nn.DataParallel (several GPUs in one process: its replicas would share the hooks' state across threads)."""
+    if recipe.distill is not None and recipe.distill.hidden_loss:
+        return False
+    args = getattr(recipe, "args", None)
+    return not (args is not None and (getattr(args, "torch_compile", False) or getattr(args, "n_gpu", 1) > 1))
 
 
 def skip_padding(model: Any) -> bool:
@@ -55,7 +67,7 @@ def skip_padding(model: Any) -> bool:
             projection.register_forward_hook(_scatter(batch, projection))
         if not getattr(block, "_llmkit_first_token", False):
             block.register_forward_pre_hook(_gather(batch, layer))
-            layer.register_forward_hook(_scatter(batch, layer))
+            layer.register_forward_hook(_scatter(batch, layer, ends_layer=True))
     encoder_model._llmkit_skips_padding = True
     return True
 
@@ -73,7 +85,8 @@ def _reader(batch: _RealTokens) -> Any:
         if mask is None or getattr(mask, "dim", lambda: 0)() != 2:
             return
         real = mask.reshape(-1).ne(0)
-        if not bool(real.all()):
+        # Right padding only: with left padding position 0 (a classifier's token) is padding in the short rows.
+        if not bool(real.all()) and bool(mask[:, 0].ne(0).all()):
             batch.index, batch.shape = real.nonzero().squeeze(1), tuple(mask.shape)
 
     return read_mask
@@ -108,13 +121,15 @@ def _gather(batch: _RealTokens, owner: Any) -> Any:
     return gather
 
 
-def _scatter(batch: _RealTokens, owner: Any) -> Any:
+def _scatter(batch: _RealTokens, owner: Any, ends_layer: bool = False) -> Any:
     import torch
 
     def scatter(module: Any, args: tuple, output: Any) -> Any:
         if not getattr(owner, "_llmkit_packed", False) or not isinstance(output, torch.Tensor):
             return None
         owner._llmkit_packed = False
+        if ends_layer:  # its gathered tensors are done with
+            batch.last = ()
         rows, width = batch.shape
         flat = output.new_zeros(rows * width, output.shape[-1])
         return flat.index_copy(0, batch.index, output[0]).view(rows, width, -1)

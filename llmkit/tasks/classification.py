@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from llmkit import unpad
 from llmkit.data import require_columns, row_numbers, split_origin
 from llmkit.errors import DataError, RecipeError
 from llmkit.rows import LABEL, PAIR, TEXT, tokenize_splits
 from llmkit.tasks._labels import feature_names, label_config, resolve_labels
 from llmkit.tasks.base import SEQUENCE, Role, Task
-from llmkit.unpad import skip_padding
 
 SINGLE, MULTI = "single_label_classification", "multi_label_classification"
 
@@ -147,6 +147,8 @@ def last_layer_first_token_only(model: Any) -> bool:
     block = getattr(getattr(layers[-1], "attention", None), "output", None) if layers else None
     if block is None or getattr(block, "_llmkit_first_token", False):
         return block is not None
+    if getattr(base.base_model, "_llmkit_skips_padding", False):  # its hooks on that block came first: not both
+        return False
 
     def first_token(module: Any, args: tuple) -> Any:
         if len(args) == 2 and all(a.dim() == 3 for a in args):
@@ -161,9 +163,9 @@ def last_layer_first_token_only(model: Any) -> bool:
 def _speed_up(recipe: Any, model: Any) -> None:
     # Not with distillation's hidden-state loss: it compares the last hidden states at every position.
     if recipe.distill is None or not recipe.distill.hidden_loss:
-        last_layer_first_token_only(model)
-        if not getattr(recipe.args, "torch_compile", False):  # a compiled graph wants fixed shapes, not gathers
-            skip_padding(model)
+        last_layer_first_token_only(model)  # first: skip_padding leaves the layer it changed alone
+    if unpad.wanted(recipe):
+        unpad.skip_padding(model)
 
 
 def _predict(recipe: Any, model: Any, tokenizer: Any, rows: list[dict], batch_size: int = 32) -> list[dict]:

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from llmkit import unpad
 from llmkit.data import require_columns, row_numbers, split_origin
 from llmkit.errors import DataError
 from llmkit.rows import TAGS, WORDS, tokenize_splits
 from llmkit.tasks._labels import feature_names, label_config, resolve_labels
 from llmkit.tasks.base import Role, Task
-from llmkit.unpad import skip_padding
 
 IGNORE = -100  # the label id the loss and the metrics skip
 
@@ -167,10 +167,8 @@ def _predict(recipe: Any, model: Any, tokenizer: Any, rows: list[dict], batch_si
 
 
 def _speed_up(recipe: Any, model: Any) -> None:
-    # Not with distillation's hidden-state loss (it compares the last hidden states at padded positions too), nor
-    # under torch.compile (a compiled graph wants fixed shapes, not gathers).
-    if (recipe.distill is None or not recipe.distill.hidden_loss) and not getattr(recipe.args, "torch_compile", False):
-        skip_padding(model)
+    if unpad.wanted(recipe):
+        unpad.skip_padding(model)
 
 
 TASK = Task(

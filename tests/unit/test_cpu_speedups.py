@@ -309,6 +309,8 @@ def test_skipping_padding_keeps_real_outputs_loss_and_gradients(head, kind, attn
     assert full.state_dict().keys() == fast.state_dict().keys()
     unpadded = dict(batch, attention_mask=torch.ones_like(mask))  # no padding: nothing gathered, same outputs
     assert torch.allclose(full(**unpadded).logits, fast(**unpadded).logits, atol=1e-5)
+    left = dict(batch, attention_mask=mask.flip(1))  # left padding: position 0 is padding in short rows: left alone
+    assert torch.allclose(full(**left).logits, fast(**left).logits, atol=1e-5)
 
 
 def test_skipping_padding_leaves_other_models_alone():
@@ -322,6 +324,10 @@ def test_skipping_padding_leaves_other_models_alone():
     decoder = transformers.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                                       is_decoder=True)  # fmt: skip
     assert not skip_padding(transformers.BertForTokenClassification(decoder))
+    from llmkit.tasks.classification import last_layer_first_token_only
+
+    model = _classifier("bert", "eager")
+    assert skip_padding(model) and not last_layer_first_token_only(model)  # not both hooks on one block
 
 
 @pytest.mark.parametrize("task_name", ["ner", "classification"])
@@ -332,11 +338,12 @@ def test_tasks_skip_padding_unless_the_hidden_loss_or_compile_needs_every_positi
 
     task = get_task(task_name)
     build = (lambda: _tagger("bert", "eager")) if task_name == "ner" else (lambda: _classifier("bert", "eager"))
-    plain = NS(distill=None, args=NS(torch_compile=False))
+    plain = NS(distill=None, args=NS(torch_compile=False, n_gpu=1))
     for recipe, expected in (
         (plain, True),
         (NS(distill=NS(hidden_loss=1.0), args=plain.args), False),
-        (NS(distill=None, args=NS(torch_compile=True)), False),
+        (NS(distill=None, args=NS(torch_compile=True, n_gpu=1)), False),
+        (NS(distill=None, args=NS(torch_compile=False, n_gpu=2)), False),  # nn.DataParallel: replicas share hooks
     ):
         model = build()
         task.prepare_model(recipe, model)
