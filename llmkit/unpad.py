@@ -39,20 +39,30 @@ def wanted(recipe: Any) -> bool:
     return not (args is not None and (getattr(args, "torch_compile", False) or getattr(args, "n_gpu", 1) > 1))
 
 
+def encoder_layers(model: Any) -> tuple[Any, Any, Any] | None:
+    """(the model under any PEFT wrapper, its encoder model, the encoder's layers), or None where the layers are
+    not an encoder's whose feed-forward runs per token over the whole sequence (decoders, cross-attention, a
+    chunked feed-forward, no `encoder.layer`). Classification's first-token hook reads the same layers."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a PEFT wrapper
+    config = getattr(base, "config", None)
+    if config is None or getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+        return None
+    if getattr(config, "chunk_size_feed_forward", 0):
+        return None
+    layers = getattr(getattr(base.base_model, "encoder", None), "layer", None)
+    return (base, base.base_model, layers) if layers else None
+
+
 def skip_padding(model: Any) -> bool:
     """Install the hooks on a BERT-family encoder (not decoders, cross-attention or a chunked feed-forward).
     A layer whose attention output already runs at the first token only (classification's last layer) is left
     to that hook. Returns whether it applies; a second call installs nothing more."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a PEFT wrapper
-    config = getattr(base, "config", None)
-    if config is None or getattr(config, "model_type", None) not in ENCODERS:
+    found = encoder_layers(model)
+    if found is None or getattr(found[0].config, "model_type", None) not in ENCODERS:
         return False
-    if config.is_decoder or getattr(config, "add_cross_attention", False) or config.chunk_size_feed_forward:
-        return False
-    encoder_model = base.base_model
-    layers = getattr(getattr(encoder_model, "encoder", None), "layer", None)
-    blocks = [getattr(getattr(layer, "attention", None), "output", None) for layer in layers or []]
-    if not blocks or any(b is None for b in blocks):
+    _, encoder_model, layers = found
+    blocks = [getattr(getattr(layer, "attention", None), "output", None) for layer in layers]
+    if any(b is None for b in blocks):
         return False
     if getattr(encoder_model, "_llmkit_skips_padding", False):
         return True

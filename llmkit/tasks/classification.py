@@ -137,17 +137,14 @@ def last_layer_first_token_only(model: Any) -> bool:
     same; the model's code, weights and state dict are untouched. Returns whether it applied (not to other
     heads, decoders, or a chunked feed-forward; the last hidden state then has one position).
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a PEFT wrapper
-    config = getattr(base, "config", None)
-    if type(base).__name__ not in FIRST_TOKEN_HEADS or config is None:
+    found = unpad.encoder_layers(model)
+    if found is None or type(found[0]).__name__ not in FIRST_TOKEN_HEADS:
         return False
-    if config.is_decoder or getattr(config, "add_cross_attention", False) or config.chunk_size_feed_forward:
-        return False
-    layers = getattr(getattr(base.base_model, "encoder", None), "layer", None)
-    block = getattr(getattr(layers[-1], "attention", None), "output", None) if layers else None
+    _, encoder_model, layers = found
+    block = getattr(getattr(layers[-1], "attention", None), "output", None)
     if block is None or getattr(block, "_llmkit_first_token", False):
         return block is not None
-    if getattr(base.base_model, "_llmkit_skips_padding", False):  # its hooks on that block came first: not both
+    if getattr(encoder_model, "_llmkit_skips_padding", False):  # its hooks on that block came first: not both
         return False
 
     def first_token(module: Any, args: tuple) -> Any:

@@ -192,7 +192,8 @@ def test_training_keeps_freed_memory_for_reuse_unless_opted_out(monkeypatch):
     assert calls == []
 
 
-def _classifier(kind: str, attn: str):
+def _classifier(kind: str, attn: str, tokens: bool = False):
+    """A tiny 2-layer encoder without dropout: a sequence classifier, or a token classifier with `tokens`."""
     import transformers
 
     common = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
@@ -201,7 +202,8 @@ def _classifier(kind: str, attn: str):
               "electra": transformers.ElectraConfig}[kind](**common)  # fmt: skip
     config._attn_implementation = attn
     torch.manual_seed(0)
-    return transformers.AutoModelForSequenceClassification.from_config(config)
+    auto = transformers.AutoModelForTokenClassification if tokens else transformers.AutoModelForSequenceClassification
+    return auto.from_config(config)
 
 
 @pytest.mark.parametrize("kind", ["bert", "roberta", "electra"])
@@ -255,18 +257,6 @@ def test_first_token_only_is_left_out_for_other_heads_and_the_hidden_loss():
     assert block._llmkit_first_token
 
 
-def _tagger(kind: str, attn: str):
-    import transformers
-
-    common = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                  max_position_embeddings=40, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
-    config = {"bert": transformers.BertConfig, "roberta": transformers.RobertaConfig,
-              "electra": transformers.ElectraConfig}[kind](**common)  # fmt: skip
-    config._attn_implementation = attn
-    torch.manual_seed(0)
-    return transformers.AutoModelForTokenClassification.from_config(config)
-
-
 def _padded_batch(rows_labels):
     ids = torch.randint(5, 60, (4, 12))
     mask = torch.ones_like(ids)
@@ -286,7 +276,7 @@ def test_skipping_padding_keeps_real_outputs_loss_and_gradients(head, kind, attn
     from llmkit.tasks.classification import last_layer_first_token_only
     from llmkit.unpad import skip_padding
 
-    full = _tagger(kind, attn) if head == "tokens" else _classifier(kind, attn)
+    full = _classifier(kind, attn, tokens=head == "tokens")
     fast = copy.deepcopy(full)
     if head == "sequence":  # as classification installs both: the last layer keeps its first-token hook
         assert last_layer_first_token_only(full) and last_layer_first_token_only(fast)
@@ -337,7 +327,6 @@ def test_tasks_skip_padding_unless_the_hidden_loss_or_compile_needs_every_positi
     from llmkit.tasks import get_task
 
     task = get_task(task_name)
-    build = (lambda: _tagger("bert", "eager")) if task_name == "ner" else (lambda: _classifier("bert", "eager"))
     plain = NS(distill=None, args=NS(torch_compile=False, n_gpu=1))
     for recipe, expected in (
         (plain, True),
@@ -345,7 +334,7 @@ def test_tasks_skip_padding_unless_the_hidden_loss_or_compile_needs_every_positi
         (NS(distill=None, args=NS(torch_compile=True, n_gpu=1)), False),
         (NS(distill=None, args=NS(torch_compile=False, n_gpu=2)), False),  # nn.DataParallel: replicas share hooks
     ):
-        model = build()
+        model = _classifier("bert", "eager", tokens=task_name == "ner")
         task.prepare_model(recipe, model)
         assert getattr(model.bert, "_llmkit_skips_padding", False) is expected, recipe
 
@@ -356,14 +345,13 @@ def test_skipping_padding_under_gradient_checkpointing(reentrant):
 
     from llmkit.unpad import skip_padding
 
-    full = _tagger("bert", "eager")
+    full = _classifier("bert", "eager", tokens=True)
     fast = copy.deepcopy(full)
     assert skip_padding(fast)
-    batch, mask = _padded_batch(None)
+    batch, _ = _padded_batch(None)
     for model in (full, fast):  # the backward pass runs each layer again: it must gather as the forward did
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         model.train()
-        batch["input_ids"].requires_grad_(False)
         model(**batch).loss.backward()
     for (n, p), q in zip(full.named_parameters(), fast.parameters(), strict=True):
         if p.grad is not None:
