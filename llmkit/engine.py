@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmkit import distill, gpu, modeling, onnxrt, preflight, prepared, rundir, streams
+from llmkit import distill, fused, gpu, modeling, onnxrt, preflight, prepared, rundir, streams
 from llmkit.checkpoints import drop_pickled_args, last_checkpoint, saving, trainer_with_atomic_checkpoints
 from llmkit.config import resolve
 from llmkit.data import is_stream
@@ -137,6 +137,12 @@ def _student(recipe: Recipe, task: Task, tokenizer: Any, teacher: Any, meta: boo
     return model
 
 
+def speed_up(recipe: Recipe, task: Task, model: Any) -> None:
+    """The task's own speed-ups (hooks) and the fused tanh GELU (fused.py), for training and evaluation alike."""
+    task.prepare_model(recipe, model)
+    fused.gelu_tanh(model)
+
+
 def model_for_training(
     recipe: Recipe, task: Task, tokenizer: Any, wipe: bool, teacher: Any = None
 ) -> tuple[Any, tuple[int, int]]:
@@ -148,10 +154,10 @@ def model_for_training(
     """
     args = recipe.args
     model = _student(recipe, task, tokenizer, teacher)
-    task.prepare_model(recipe, model)
+    speed_up(recipe, task, model)
     if teacher is not None:  # after the student was copied from it: the copy trains
         distill.prepare_teacher(teacher, args)
-        task.prepare_model(recipe, teacher)
+        speed_up(recipe, task, teacher)
     if wipe:
         rundir.wipe(recipe.output_dir, args)
     if recipe.lora is not None:
@@ -381,7 +387,7 @@ def evaluate(recipe: Recipe, split: str = "validation") -> dict:
     _, tokenizer, tokenized = prepare_data(recipe, task, recipe.args, only=split)
     model = modeling.build_model(recipe, task, tokenizer, task.model_kwargs(recipe))
     if not getattr(model, "is_exported_graph", False):  # an ONNX export runs as exported: no hooks to install
-        task.prepare_model(recipe, model)
+        speed_up(recipe, task, model)
     quantized = getattr(model, "is_quantized", False)  # an int8 export (torchao)
     if quantized:  # the Trainer refuses a quantized model without adapters, for training's sake
         model.is_quantized = False

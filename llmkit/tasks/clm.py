@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from llmkit import fused
 from llmkit.errors import RecipeError
 from llmkit.rows import TEXT
 from llmkit.tasks._packing import lm_metrics, pack, text_corpus
@@ -34,6 +35,11 @@ def collate_blocks(features: list[dict]) -> dict:
 
     ids = torch.tensor([f["input_ids"] for f in features], dtype=torch.long)
     return {"input_ids": ids, "labels": ids.clone()}
+
+
+def _speed_up(recipe: Any, model: Any) -> None:
+    if fused.wanted(recipe, model):  # metrics on the predictions (recipe `metrics:`) need evaluation's logits
+        fused.fuse_head_and_loss(model, logits_in_eval=bool(recipe.metrics))
 
 
 def _budget(recipe: Any, model: Any) -> tuple[dict, int]:
@@ -104,6 +110,7 @@ TASK = Task(
     collator=lambda recipe, tokenizer, model: collate_blocks,
     corpus=lambda recipe, train: text_corpus(TASK.column(recipe, "text"))(recipe, train),
     metrics=lm_metrics(shift=True),
+    prepare_model=_speed_up,
     predict=_predict,
     perplexity=True,
 )
