@@ -80,17 +80,27 @@ def _linear_cross_entropy() -> Any:
 _FUNCTION: Any = None
 
 
-def linear_cross_entropy(hidden: Any, weight: Any, bias: Any, targets: Any, num_items_in_batch: Any = None) -> Any:
+def matmul_dtype(tensor: Any) -> Any:
+    """The dtype a matmul on `tensor` runs in here: autocast's where it is on, else the tensor's."""
+    import torch
+
+    device = tensor.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensor.dtype
+
+
+def linear_cross_entropy(
+    hidden: Any, weight: Any, bias: Any, targets: Any, num_items_in_batch: Any = None, dtype: Any = None
+) -> Any:
     """Cross-entropy of `hidden @ weight.T + bias` against `targets` (-100: ignored), without materialising the
     logits: the mean over the targets, or their sum / `num_items_in_batch` (the Trainer's count over an
-    accumulated batch) where given, as transformers' loss. Matmuls in the autocast dtype where autocast is on."""
+    accumulated batch) where given, as transformers' loss. Matmuls in `dtype` (default: `matmul_dtype(hidden)`)."""
     import torch
 
     global _FUNCTION
     if _FUNCTION is None:
         _FUNCTION = _linear_cross_entropy()
     device = hidden.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    dtype = dtype or matmul_dtype(hidden)
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     divisor = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE).sum()
     with torch.autocast(device, enabled=False):
@@ -146,7 +156,9 @@ def fuse_head_and_loss(model: Any, logits_in_eval: bool = False) -> bool:
         labels = kept.get("labels")
         if labels is None or args[0].shape[:-1] != labels.shape:
             return None
-        kept["hidden"] = args[0]
+        # the head's matmul dtype is read here, inside the model's forward: Accelerate's mixed precision wraps
+        # `forward` in autocast, and the loss hook runs after it
+        kept["hidden"], kept["dtype"] = args[0], matmul_dtype(args[0])
         return (args[0][..., :0, :], *args[1:])  # no logits: the loss hook computes what the loss needs
 
     def put_loss(module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -158,7 +170,7 @@ def fuse_head_and_loss(model: Any, logits_in_eval: bool = False) -> bool:
             loss = module.loss_function(output.logits, labels, module.config.vocab_size, num_items_in_batch=items)
         else:
             targets = torch.nn.functional.pad(labels, (0, 1), value=IGNORE)[..., 1:]
-            loss = linear_cross_entropy(hidden, head.weight, head.bias, targets, items)
+            loss = linear_cross_entropy(hidden, head.weight, head.bias, targets, items, kept.pop("dtype"))
         return type(output)(loss=loss, **{k: v for k, v in output.items() if k != "loss"})
 
     model.register_forward_pre_hook(take_labels, with_kwargs=True)

@@ -79,6 +79,17 @@ def test_bf16_autocast_and_the_trainers_item_count():
         assert (got_grads[name] - grad).norm() <= 0.02 * grad.norm() + 1e-6, name
 
 
+def test_the_head_dtype_is_autocasts_where_accelerate_wraps_only_forward(monkeypatch):
+    # Accelerate's mixed precision wraps `model.forward` in autocast; the loss hook runs outside it
+    _, mine = _pair()
+    mine.forward = torch.autocast("cpu", dtype=torch.bfloat16)(mine.forward)
+    seen, compute = [], fused.linear_cross_entropy
+    monkeypatch.setattr(fused, "linear_cross_entropy", lambda *a: seen.append(a[-1]) or compute(*a))
+    ids, labels = _ids()
+    mine(input_ids=ids, labels=labels).loss.backward()
+    assert seen == [torch.bfloat16]
+
+
 def test_linear_cross_entropy_with_a_bias_and_ignored_rows():
     torch.manual_seed(0)
     hidden, weight, bias = (torch.randn(*s, requires_grad=True) for s in ((2, 300, 16), (1000, 16), (1000,)))
