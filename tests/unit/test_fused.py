@@ -90,14 +90,16 @@ def test_the_head_dtype_is_autocasts_where_accelerate_wraps_only_forward(monkeyp
     assert seen == [torch.bfloat16]
 
 
-def test_linear_cross_entropy_with_a_bias_and_ignored_rows():
+def test_linear_cross_entropy_with_a_bias_and_ignored_rows_over_several_chunks(monkeypatch):
+    monkeypatch.setattr(fused, "MIN_ROWS", 16)
+    monkeypatch.setattr(fused, "CHUNK_BYTES", 16 * 4 * 1000)  # 400 kept rows: 25 chunks
     torch.manual_seed(0)
     hidden, weight, bias = (torch.randn(*s, requires_grad=True) for s in ((2, 300, 16), (1000, 16), (1000,)))
     targets = torch.randint(0, 1000, (2, 300))
     targets[:, ::3] = -100
     want = F.cross_entropy(F.linear(hidden, weight, bias).reshape(-1, 1000), targets.reshape(-1))
     expected = torch.autograd.grad(want, (hidden, weight, bias))
-    got = fused.linear_cross_entropy(hidden, weight, bias, targets)  # 300+ rows: several chunks of 1,048
+    got = fused.linear_cross_entropy(hidden, weight, bias, targets)
     torch.testing.assert_close(got, want)
     for g, e in zip(torch.autograd.grad(got, (hidden, weight, bias)), expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
@@ -121,8 +123,13 @@ def test_metrics_keep_evaluation_logits_and_other_calls_are_left_alone():
     plain, mine = _pair(logits_in_eval=True)
     ids, labels = _ids()
     assert mine(input_ids=ids).logits.shape == (3, 11, 97)  # no labels: generation and predict
-    tuple_out = mine(input_ids=ids, labels=labels, return_dict=False)
-    torch.testing.assert_close(tuple_out[0], plain(input_ids=ids, labels=labels).loss)
+    want = plain(input_ids=ids, labels=labels).loss
+    torch.testing.assert_close(mine(input_ids=ids, labels=labels, return_dict=False)[0], want)
+    keep = torch.arange(11)  # logits_to_keep as the positions to keep: all of them
+    assert mine(input_ids=ids, labels=labels, logits_to_keep=keep).logits.shape == (3, 11, 97)
+    with pytest.raises(IndexError):  # a forward that raises leaves nothing behind for the next call
+        mine(input_ids=ids + 1000, labels=labels)
+    assert mine.lm_head(torch.ones(3, 11, 32)).shape == (3, 11, 97)
     plain.eval(), mine.eval()
     with torch.no_grad():
         got, want = mine(input_ids=ids, labels=labels), plain(input_ids=ids, labels=labels)
