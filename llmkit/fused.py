@@ -21,6 +21,7 @@ differ in the last bits). The saved config keeps its activation: a reloaded mode
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 IGNORE = -100
@@ -117,15 +118,19 @@ def linear_cross_entropy(
 def wanted(recipe: Any, model: Any) -> bool:
     """Whether a causal LM's training should fuse its head and loss: a plain head (PLAIN_HEADS) with transformers'
     own causal-LM loss; not with distillation (it reads the student's logits), torch.compile, FSDP or DeepSpeed
-    (they own the parameters a fused gradient would have to reach)."""
+    (they own the parameters a fused gradient would have to reach), whether the recipe or `accelerate launch`'s
+    config asks for them."""
     from transformers.loss.loss_utils import LOSS_MAPPING
 
     if recipe.distill is not None or getattr(model.config, "model_type", None) not in PLAIN_HEADS:
         return False
     if getattr(model, "loss_function", None) is not LOSS_MAPPING["ForCausalLM"]:
         return False
+    launched = any(os.environ.get(f"ACCELERATE_USE_{k}", "").lower() == "true" for k in ("FSDP", "DEEPSPEED"))
     args = getattr(recipe, "args", None)
-    return not (args is not None and (args.torch_compile or args.fsdp or args.deepspeed or args.n_gpu > 1))
+    return not (
+        launched or (args is not None and (args.torch_compile or args.fsdp or args.deepspeed or args.n_gpu > 1))
+    )
 
 
 def fuse_head_and_loss(model: Any, logits_in_eval: bool = False) -> bool:

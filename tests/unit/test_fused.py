@@ -156,7 +156,7 @@ def test_lora_on_the_head_falls_back_and_lora_elsewhere_fuses():
             torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_when_the_clm_task_fuses():
+def test_when_the_clm_task_fuses(monkeypatch):
     from llmkit.tasks import get_task
 
     args = NS(torch_compile=False, fsdp=[], deepspeed=None, n_gpu=1)
@@ -168,7 +168,13 @@ def test_when_the_clm_task_fuses():
         (NS(distill=NS(alpha=0.5), args=args, metrics=None), "gpt2", False),  # distillation reads the logits
         (NS(distill=None, args=NS(**{**vars(args), "torch_compile": True}), metrics=None), "gpt2", False),
         (NS(distill=None, args=NS(**{**vars(args), "fsdp": ["full_shard"]}), metrics=None), "gpt2", False),
+        ("FSDP", "gpt2", False),  # `accelerate launch --config_file recipes/accelerate/fsdp.yaml`
+        ("DEEPSPEED", "gpt2", False),
     ):
+        if isinstance(recipe, str):
+            monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+            monkeypatch.setenv(f"ACCELERATE_USE_{recipe}", "true")
+            recipe = plain
         model = _lm(model_type)
         get_task("clm").prepare_model(recipe, model)
         ids, labels = _ids()
