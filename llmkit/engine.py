@@ -15,11 +15,11 @@ from llmkit.data import is_stream
 from llmkit.errors import Interrupted, RecipeError
 from llmkit.files import write_json
 from llmkit.hf import global_batch_size
-from llmkit.memory import keep_freed_memory
+from llmkit.memory import keep_freed_memory, reuse_embedding_gradient
 from llmkit.metrics import with_perplexity
 from llmkit.recipe import Recipe
 from llmkit.recipefile import dump_yaml
-from llmkit.sharding import SavesOnEachNode, ShardsOnCpu, gather_full_model
+from llmkit.sharding import SavesOnEachNode, ShardsOnCpu, accelerate_shards, gather_full_model
 from llmkit.tasks import get_task
 
 if TYPE_CHECKING:
@@ -138,9 +138,19 @@ def _student(recipe: Recipe, task: Task, tokenizer: Any, teacher: Any, meta: boo
 
 
 def speed_up(recipe: Recipe, task: Task, model: Any) -> None:
-    """The task's own speed-ups (hooks) and the fused tanh GELU (fused.py), for training and evaluation alike."""
+    """The task's own speed-ups (hooks), the fused tanh GELU (fused.py) and, in one CPU process, the word-embedding
+    gradient kept across steps (memory.py), for training and evaluation alike."""
     task.prepare_model(recipe, model)
     fused.gelu_tanh(model)
+    args = recipe.args
+    if (
+        args is not None
+        and args.world_size == 1
+        and args.use_cpu
+        and not args.torch_compile
+        and not accelerate_shards()
+    ):
+        reuse_embedding_gradient(model)
 
 
 def model_for_training(

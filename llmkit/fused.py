@@ -21,8 +21,9 @@ differ in the last bits). The saved config keeps its activation: a reloaded mode
 
 from __future__ import annotations
 
-import os
 from typing import Any
+
+from llmkit.sharding import accelerate_shards
 
 IGNORE = -100
 # Model types whose causal LM's logits are its output embedding (a plain Linear) applied to the final hidden
@@ -126,11 +127,9 @@ def wanted(recipe: Any, model: Any) -> bool:
         return False
     if getattr(model, "loss_function", None) is not LOSS_MAPPING["ForCausalLM"]:
         return False
-    launched = any(os.environ.get(f"ACCELERATE_USE_{k}", "").lower() == "true" for k in ("FSDP", "DEEPSPEED"))
     args = getattr(recipe, "args", None)
-    return not (
-        launched or (args is not None and (args.torch_compile or args.fsdp or args.deepspeed or args.n_gpu > 1))
-    )
+    sharded = args is not None and (args.torch_compile or args.fsdp or args.deepspeed or args.n_gpu > 1)
+    return not (sharded or accelerate_shards())
 
 
 def fuse_head_and_loss(model: Any, logits_in_eval: bool = False) -> bool:

@@ -1,8 +1,12 @@
-"""Process memory settings for training and evaluation (glibc's allocator)."""
+"""Process memory: glibc's allocator settings, and the word-embedding gradient kept in one buffer across steps."""
 
 from __future__ import annotations
 
 import os
+import types
+from typing import Any
+
+MMAP_THRESHOLD = 32 << 20  # the largest M_MMAP_THRESHOLD every glibc accepts: blocks above it are always fresh pages
 
 
 def keep_freed_memory() -> None:
@@ -23,7 +27,69 @@ def keep_freed_memory() -> None:
 
     try:
         libc = ctypes.CDLL("libc.so.6")
-        if libc.mallopt(-3, 32 << 20) == 1:  # M_MMAP_THRESHOLD; mallopt returns 1 on success
+        if libc.mallopt(-3, MMAP_THRESHOLD) == 1:  # M_MMAP_THRESHOLD; mallopt returns 1 on success
             libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         pass
+
+
+def _lookup() -> Any:
+    import torch
+    import torch.nn.functional as F
+
+    class Lookup(torch.autograd.Function):
+        """F.embedding whose backward adds the rows' gradients into `weight.grad` itself (the kept buffer, zeroed,
+        where the Trainer set it to None), instead of returning a new dense [vocabulary, width] gradient."""
+
+        @staticmethod
+        def forward(ctx: Any, ids: Any, weight: Any, padding_idx: Any, kept: list) -> Any:
+            ctx.save_for_backward(ids)
+            ctx.weight, ctx.padding_idx, ctx.kept = weight, padding_idx, kept
+            return F.embedding(ids, weight, padding_idx)
+
+        @staticmethod
+        def backward(ctx: Any, upstream: Any) -> Any:
+            (ids,) = ctx.saved_tensors
+            weight, rows = ctx.weight, ids.reshape(-1)
+            grads = upstream.reshape(-1, upstream.shape[-1]).to(weight.dtype)
+            if ctx.padding_idx is not None:  # as nn.Embedding: the padding row gets no gradient
+                real = rows != ctx.padding_idx
+                rows, grads = rows[real], grads[real]
+            if weight.grad is None:
+                if not ctx.kept:
+                    ctx.kept.append(torch.zeros_like(weight))
+                weight.grad = ctx.kept[0].zero_()
+            weight.grad.index_add_(0, rows, grads)
+            return None, None, None, None
+
+    return Lookup
+
+
+def reuse_embedding_gradient(model: Any) -> bool:
+    """Keep the input embedding's gradient in one buffer across steps when it is larger than glibc will reuse.
+
+    A fine-tuned model's word embedding gets a dense [vocabulary, width] gradient every step (MiniLM: 30,522 x 384,
+    47 MB), allocated with fresh pages (above MMAP_THRESHOLD), page-faulted in while zero-filled, and unmapped when
+    the Trainer sets the gradients to None: ~11 ms of a ~170 ms SST-2 step on this project's CPU. Here the lookup's
+    backward adds the batch's rows into the parameter's `.grad` directly, which it sets to a kept, zeroed buffer
+    where it is None: the same gradient without the fresh pages. Only for a plain nn.Embedding that trains (not
+    under LoRA, max_norm, scale_grad_by_freq or sparse) and in one process: DDP and FSDP reduce the gradients
+    that autograd accumulates, which this bypasses. Returns whether it was installed.
+    """
+    import torch
+
+    emb = model.get_input_embeddings()
+    if type(emb) is not torch.nn.Embedding or not emb.weight.requires_grad or emb.weight.device.type != "cpu":
+        return False
+    if emb.max_norm is not None or emb.scale_grad_by_freq or emb.sparse:
+        return False
+    if emb.weight.numel() * emb.weight.element_size() <= MMAP_THRESHOLD:
+        return False
+    lookup = _lookup()
+
+    def forward(self: Any, ids: Any) -> Any:  # bound to the module: a deep copy calls its own weight
+        return lookup.apply(ids, self.weight, self.padding_idx, self._llmkit_kept_grad)
+
+    emb._llmkit_kept_grad = []
+    emb.forward = types.MethodType(forward, emb)
+    return True

@@ -29,6 +29,12 @@ def requested_plugin(args: Any) -> Any:
     return None
 
 
+def accelerate_shards() -> bool:
+    """Whether `accelerate launch` was given an FSDP or DeepSpeed config (its ACCELERATE_USE_* environment), which
+    the Trainer's arguments do not show."""
+    return any(os.environ.get(f"ACCELERATE_USE_{k}", "").lower() == "true" for k in ("FSDP", "DEEPSPEED"))
+
+
 class ShardsOnCpu:
     """Trainer mixin: FSDP2 on CPU processes instead of Accelerate's silent fallback to DDP."""
 

@@ -356,3 +356,45 @@ def test_skipping_padding_under_gradient_checkpointing(reentrant):
     for (n, p), q in zip(full.named_parameters(), fast.parameters(), strict=True):
         if p.grad is not None:
             assert torch.allclose(p.grad, q.grad, atol=1e-5), n
+
+
+def test_the_embedding_gradient_is_the_same_in_one_kept_buffer(monkeypatch):
+    import copy
+
+    from llmkit import memory
+
+    monkeypatch.setattr(memory, "MMAP_THRESHOLD", 0)  # tiny models: any embedding counts as large
+    plain = _classifier("bert", "eager", tokens=True)
+    plain.config.pad_token_id = plain.bert.embeddings.word_embeddings.padding_idx = 0
+    mine = copy.deepcopy(plain)
+    assert memory.reuse_embedding_gradient(mine)
+    batch, mask = _padded_batch(None)
+    batch["input_ids"] = batch["input_ids"].masked_fill(mask == 0, 0)  # padding: id 0, whose row gets no gradient
+    weights = (plain.bert.embeddings.word_embeddings.weight, mine.bert.embeddings.word_embeddings.weight)
+    kept = []
+    for step in range(3):
+        for model in (plain, mine):
+            model(**batch).loss.backward()
+            if step == 1:  # gradient accumulation: a second batch adds to the first
+                model(**batch).loss.backward()
+        torch.testing.assert_close(weights[1].grad, weights[0].grad)
+        assert not weights[1].grad[0].any()
+        kept.append(weights[1].grad.data_ptr())
+        plain.zero_grad(set_to_none=True), mine.zero_grad(set_to_none=True)
+    assert len(set(kept)) == 1  # the same buffer every step
+    twin = copy.deepcopy(mine)  # a copy looks up its own weight
+    twin(**batch).loss.backward()
+    assert twin.bert.embeddings.word_embeddings.weight.grad is not None and weights[1].grad is None
+
+
+def test_the_embedding_gradient_is_left_to_torch_where_it_cannot_be_kept(monkeypatch):
+    from llmkit import memory
+
+    assert not memory.reuse_embedding_gradient(_classifier("bert", "eager"))  # small: glibc reuses its blocks
+    monkeypatch.setattr(memory, "MMAP_THRESHOLD", 0)
+    frozen = _classifier("bert", "eager")
+    frozen.bert.embeddings.word_embeddings.weight.requires_grad_(False)  # LoRA
+    assert not memory.reuse_embedding_gradient(frozen)
+    normed = _classifier("bert", "eager")
+    normed.bert.embeddings.word_embeddings.max_norm = 1.0
+    assert not memory.reuse_embedding_gradient(normed)
