@@ -24,7 +24,7 @@ def requested_plugin(args: Any) -> Any:
 
     if args.fsdp_plugin_args is not None:
         return FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+    if _accelerate_uses("FSDP"):
         return FullyShardedDataParallelPlugin()
     return None
 
@@ -32,7 +32,11 @@ def requested_plugin(args: Any) -> Any:
 def accelerate_shards() -> bool:
     """Whether `accelerate launch` was given an FSDP or DeepSpeed config (its ACCELERATE_USE_* environment), which
     the Trainer's arguments do not show."""
-    return any(os.environ.get(f"ACCELERATE_USE_{k}", "").lower() == "true" for k in ("FSDP", "DEEPSPEED"))
+    return _accelerate_uses("FSDP") or _accelerate_uses("DEEPSPEED")
+
+
+def _accelerate_uses(kind: str) -> bool:
+    return os.environ.get(f"ACCELERATE_USE_{kind}", "false").lower() == "true"
 
 
 class ShardsOnCpu:
