@@ -19,6 +19,7 @@ from llmkit.console import (
     print_metrics,
     print_report,
     setup_logging,
+    sigterm_unreported,
     stop_on_sigterm,
     usage_error_exit,
 )
@@ -439,9 +440,11 @@ def main() -> None:
             typer.echo("interrupted", err=True)
             sys.exit(130)
         raise
-    except Terminated:  # SIGTERM while the command line was being parsed (inside a command: guarded)
-        typer.echo("interrupted (SIGTERM)", err=True)
-        sys.exit(130)
+    except Terminated:  # SIGTERM while the command line was being parsed (inside a command: guarded): noted below
+        code = 130
     finally:
         leave_process_group()
+    if sigterm_unreported():  # raised while parsing, or swallowed by Python there (an import's lock callback)
+        typer.echo("interrupted (SIGTERM)", err=True)
+        sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)

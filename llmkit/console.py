@@ -63,7 +63,7 @@ def end_of_startup() -> None:
 def guarded(debug: bool, fn: Callable[[], Any]) -> Any:
     """Run `fn`, turning errors into exit codes: 2 for recipe/data errors, 130 interrupted, 1 otherwise."""
     try:
-        return fn()
+        result = fn()
     except LlmkitError as e:
         if debug:
             raise
@@ -88,6 +88,9 @@ def guarded(debug: bool, fn: Callable[[], Any]) -> Any:
         if stop is not None:  # a library turned the interrupt into its own error (transformers' lazy imports do)
             return _interrupted(stop)
         return _fail(e, debug)
+    if sigterm_unreported():  # its Terminated was raised where Python only prints "Exception ignored"
+        return _interrupted(Terminated())
+    return result
 
 
 def _stop_request(e: BaseException) -> BaseException | None:
@@ -103,6 +106,7 @@ def _stop_request(e: BaseException) -> BaseException | None:
 
 
 def _interrupted(e: BaseException) -> Any:
+    _UNHANDLED_SIGTERM.clear()
     typer.echo(f"interrupted{' (SIGTERM)' if isinstance(e, Terminated) else ''}", err=True)
     raise typer.Exit(130) from None
 
@@ -122,6 +126,14 @@ def usage_error_exit(e: Exception) -> None:
     sys.exit(2)
 
 
+_UNHANDLED_SIGTERM: list[int] = []  # SIGTERMs whose Terminated no handler has reported yet
+
+
+def sigterm_unreported() -> bool:
+    """A SIGTERM arrived whose Terminated no handler reported (Python swallowed it in a callback)."""
+    return bool(_UNHANDLED_SIGTERM)
+
+
 def stop_on_sigterm() -> None:
     """SIGTERM (a scheduler, `kill`, torchrun stopping the other ranks) ends any command as Ctrl-C does: exit 130.
 
@@ -131,6 +143,9 @@ def stop_on_sigterm() -> None:
     import threading
 
     def terminate(signum: int, frame: Any) -> None:
+        # Noted as well as raised: raised inside a weakref callback or __del__ (an import's module-lock callback),
+        # the exception is only printed, and `guarded` ends the command as interrupted all the same.
+        _UNHANDLED_SIGTERM.append(signum)
         raise Terminated
 
     if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only

@@ -252,3 +252,33 @@ def test_an_interrupt_a_library_turned_into_its_own_error_still_exits_130(monkey
     monkeypatch.setattr(llmkit_engine, "train", lazy_import)
     result = runner.invoke(app, ["pretrain", str(RECIPES / "tiny/bert.yaml")])
     assert result.exit_code == 130 and result.stderr.strip() == "interrupted (SIGTERM)"
+
+
+def test_a_sigterm_whose_exception_python_swallowed_still_exits_130(engine, monkeypatch):
+    # A SIGTERM landing in a weakref callback or __del__ (an import's module-lock callback): Python prints
+    # "Exception ignored" and the command carries on; it must still end as interrupted.
+    import os
+    import signal
+
+    from llmkit.console import stop_on_sigterm
+
+    class SignalledWhileCollected:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # the handler runs between bytecodes, here
+                pass
+
+    finish = llmkit_engine.train  # the engine fixture's stub: the command ends normally
+
+    def train(recipe, **kwargs):
+        SignalledWhileCollected()
+        return finish(recipe, **kwargs)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        stop_on_sigterm()
+        monkeypatch.setattr(llmkit_engine, "train", train)
+        result = runner.invoke(app, ["pretrain", str(RECIPES / "tiny/bert.yaml")])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert result.exit_code == 130 and result.stderr.strip().splitlines()[-1] == "interrupted (SIGTERM)"
