@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from llmkit import distill, fused, gpu, modeling, onnxrt, preflight, prepared, rundir, streams
 from llmkit.checkpoints import drop_pickled_args, last_checkpoint, saving, trainer_with_atomic_checkpoints
+from llmkit.clipping import SkipsUnitClip
 from llmkit.config import resolve
 from llmkit.data import is_stream
 from llmkit.errors import Interrupted, RecipeError
@@ -226,12 +227,13 @@ def build_trainer(
 
 
 def trainer_class(task: Task) -> type:
-    """The Trainer class for a task: Seq2SeqTrainer for seq2seq tasks, atomic checkpoints, FSDP on CPU, the loss hook."""
+    """The Trainer class for a task: Seq2SeqTrainer for seq2seq tasks, atomic checkpoints, FSDP on CPU, clipping
+    that skips a multiply by 1 on CPU, the loss hook."""
     import transformers
 
     base = trainer_with_atomic_checkpoints(transformers.Seq2SeqTrainer if task.seq2seq else transformers.Trainer)
     # FSDP on CPU, a copy on each node, a stream's position in each checkpoint
-    base = type(base.__name__, (ShardsOnCpu, SavesOnEachNode, streams.ResumesStreams, base), {})
+    base = type(base.__name__, (ShardsOnCpu, SavesOnEachNode, streams.ResumesStreams, SkipsUnitClip, base), {})
     if task.compute_loss is None:
         return base
     hook = task.compute_loss
