@@ -11,7 +11,11 @@ should agree within noise), peak RSS, and model FLOPs utilisation against the bf
 measured here. Writes benchmarks/results.json and benchmarks/results.md.
 
     python benchmarks/bench.py [mlm clm classification sst2-minilm wnut-minilm ner summarization distill]
-        [--steps N] [--warmup N]
+        [--steps N] [--warmup N] [--references fp32,bf16,tuned] [--rounds N]
+
+--rounds N repeats a workload's runs N times in turn (llmkit, then the references, N times) and reports each run's
+median round and the median llmkit/reference ratio of the rounds with its range: on a shared VM a run can be 20%
+slow for its whole length, which one round cannot tell from a lever.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -286,11 +291,44 @@ def bench(name: str, w: dict, a: argparse.Namespace) -> dict:
         "max_eval_samples": eval_samples,
         "target_len": w.get("target_len", 0),
     }
+    return median_round([_one_round(llmkit_spec, ref_spec, a.references) for _ in range(a.rounds)])
+
+
+def _one_round(llmkit_spec: dict, ref_spec: dict, references: list[str]) -> dict:
     runs = {"llmkit": one_run("llmkit", llmkit_spec)}  # first: it trains the tokenizer the reference loads
-    for ref in a.references:
+    for ref in references:
         precision = {"bf16": ref != "fp32", "tuned": ref == "tuned"}
         runs[f"reference_{ref}"] = one_run("reference", {**ref_spec, **precision})
     return runs
+
+
+def median_round(rounds: list[dict]) -> dict:
+    """One round: its runs. Several (--rounds N, each llmkit then the references): each run's result from the
+    round of its median samples/s, with every round's samples/s, and each reference's llmkit/reference ratio per
+    round (a slow spell of the machine within a round hits both of its runs alike; across rounds it does not)."""
+    if len(rounds) == 1:
+        return rounds[0]
+    runs = {}
+    for run in rounds[0]:
+        ordered = sorted(rounds, key=lambda r: r[run]["samples_per_s"])
+        runs[run] = {
+            **ordered[len(ordered) // 2][run],
+            "rounds_samples_per_s": [r[run]["samples_per_s"] for r in rounds],
+        }
+        if run != "llmkit":
+            runs[run]["rounds_ratio"] = [r["llmkit"]["samples_per_s"] / r[run]["samples_per_s"] for r in rounds]
+    return runs
+
+
+def ratio_cell(runs: dict, ref: str) -> str:
+    """llmkit / a reference: of the one round, or the median of the rounds' ratios with their range."""
+    if ref not in runs:
+        return "-"
+    per_round = runs[ref].get("rounds_ratio")
+    if not per_round:
+        return f"{runs['llmkit']['samples_per_s'] / runs[ref]['samples_per_s']:.2f}x"
+    lo, hi = min(per_round), max(per_round)
+    return f"{statistics.median(per_round):.2f}x ({lo:.2f}-{hi:.2f}x, {len(per_round)} rounds)"
 
 
 def _distill_runs(name: str, w: dict, spec: dict, settings: list[str]) -> dict:
@@ -336,10 +374,14 @@ def table(results: dict, peak: dict) -> str:
     for name, runs in results["workloads"].items():
         if "student_plain" in runs:
             continue
-        s = runs["llmkit"]["samples_per_s"]
-        ratios = [s / runs[r]["samples_per_s"] if r in runs else None for r in ("reference_fp32", "reference_bf16")]
-        ratios.append(s / runs["reference_tuned"]["samples_per_s"] if "reference_tuned" in runs else None)
-        rows.append(f"| {name} | " + " | ".join(fmt(x, ".2f") + ("x" if x else "") for x in ratios) + " |")
+        cells = [ratio_cell(runs, r) for r in ("reference_fp32", "reference_bf16", "reference_tuned")]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    for name, runs in results["workloads"].items():
+        if "rounds_samples_per_s" in runs.get("llmkit", {}):
+            each = "; ".join(
+                f"{run} {' / '.join(format(x, '.1f') for x in r['rounds_samples_per_s'])}" for run, r in runs.items()
+            )
+            rows += ["", f"{name}, samples/s of each round (the rows above: each run's median round): {each}."]
     for name, runs in results["workloads"].items():
         if "student_plain" in runs:
             cost = runs["student_plain"]["samples_per_s"] / runs["student_distill"]["samples_per_s"]
@@ -368,6 +410,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--batch", type=int, default=32, help="per-device train batch (default 32)")
     p.add_argument("--references", default="fp32,bf16,tuned", help="Trainer references to run (default: all three)")
+    p.add_argument(
+        "--rounds", type=int, default=1, help="run each workload's runs N times in turn; report medians (default 1)"
+    )
     p.add_argument("--gpu", action="store_true", help="on a CUDA GPU: exit 1 without one; writes results-gpu.*")
     a = p.parse_args()
     a.references = [r for r in a.references.split(",") if r]
@@ -376,6 +421,8 @@ def main() -> None:
     a.workloads = a.workloads or list(WORKLOADS)
     if unknown := set(a.workloads) - set(WORKLOADS):
         p.error(f"unknown workload {', '.join(sorted(unknown))}; choose from {', '.join(WORKLOADS)}")
+    if a.rounds < 1:
+        p.error("--rounds must be at least 1")
     if not DATA.is_dir():
         sys.exit(f"no benchmark data at {DATA}; set LLMKIT_BENCH_DATA=path/to/shared/data")
     device = describe_device(a.gpu)

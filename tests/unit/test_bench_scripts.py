@@ -1,5 +1,6 @@
 """The benchmark scripts' own contracts that a CPU can check: without a CUDA GPU the GPU benchmark says so in
-one line and exits 1 (it never falls back to timing a CPU under the GPU table's name)."""
+one line and exits 1 (it never falls back to timing a CPU under the GPU table's name); several rounds of a
+workload report medians and ratios within each round."""
 
 import os
 import subprocess
@@ -28,3 +29,34 @@ def test_bench_gpu_flag_needs_cuda(tmp_path):
     assert done.stderr.strip().splitlines() == [
         "benchmarks/bench.py --gpu needs a CUDA GPU: torch.cuda.is_available() is False here"
     ]
+
+
+def _bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "benchmarks" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rounds_report_each_runs_median_round_and_the_ratio_within_rounds():
+    bench = _bench_module()
+    one = lambda llmkit, tuned: {  # noqa: E731
+        "llmkit": {"samples_per_s": llmkit, "peak_rss_mb": llmkit},
+        "reference_tuned": {"samples_per_s": tuned, "peak_rss_mb": tuned},
+    }
+    single = one(160.0, 135.0)
+    assert bench.median_round([single]) is single
+    assert bench.ratio_cell(single, "reference_tuned") == "1.19x"
+    runs = bench.median_round([one(160.0, 135.0), one(182.0, 136.0), one(146.0, 157.0)])
+    assert runs["llmkit"]["peak_rss_mb"] == 160.0 and runs["reference_tuned"]["peak_rss_mb"] == 136.0
+    assert runs["llmkit"]["rounds_samples_per_s"] == [160.0, 182.0, 146.0]
+    # the ratio of each round, not of the two medians (160 / 136 = 1.18): 1.19, 1.34, 0.93
+    assert bench.ratio_cell(runs, "reference_tuned") == "1.19x (0.93-1.34x, 3 rounds)"
+    assert bench.ratio_cell(runs, "reference_fp32") == "-"
+
+
+def test_rounds_must_be_positive(tmp_path):
+    done = _run([sys.executable, "benchmarks/bench.py", "--rounds", "0", "classification"], tmp_path)
+    assert done.returncode == 2 and "--rounds must be at least 1" in done.stderr
