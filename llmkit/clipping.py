@@ -24,6 +24,7 @@ def clip_grad_norm(grads: list, max_norm: float) -> Any:
     if not grads:
         return torch.zeros(())
     norms = torch._foreach_norm(grads, 2.0)
+    # reduced as accelerate reduces them (torch's total norm, then the norm of that one value): the same bits
     total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(torch.stack(norms), 2.0)]), 2.0)
     factor = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     if not bool(factor == 1.0):  # a factor of 1 changes nothing; NaN compares unequal and still goes through
@@ -43,6 +44,7 @@ class SkipsUnitClip:
 
 def _plain_cpu_grads(trainer: Any, model: Any) -> list | None:
     """The model's gradients where accelerate would clip them with torch's plain function on CPU; else None."""
+    import torch
     from accelerate.utils import DistributedType
 
     accelerator = trainer.accelerator
@@ -50,12 +52,6 @@ def _plain_cpu_grads(trainer: Any, model: Any) -> list | None:
     if accelerator.distributed_type not in plain or getattr(accelerator, "scaler", None) is not None:
         return None
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if any(g.device.type != "cpu" or type(g) is not _tensor_type() or g.is_sparse for g in grads):
+    if any(g.device.type != "cpu" or type(g) is not torch.Tensor or g.is_sparse for g in grads):
         return None  # DTensor (tensor parallel), a GPU, or sparse gradients: the Trainer's way
     return grads
-
-
-def _tensor_type() -> type:
-    import torch
-
-    return torch.Tensor

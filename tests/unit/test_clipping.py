@@ -6,7 +6,6 @@ import pytest
 import torch
 from accelerate.utils import DistributedType
 
-from llmkit import clipping
 from llmkit.clipping import SkipsUnitClip, clip_grad_norm
 
 
@@ -90,9 +89,13 @@ def test_everything_else_goes_to_the_trainers_clipping(kind):
     assert _Trainer(DistributedType.NO, scaler=object())._clip_grad_norm(_model()) == "the Trainer's own"
 
 
-def test_not_for_gradients_that_are_not_plain_cpu_tensors(monkeypatch):
+class _Subclass(torch.Tensor):  # as a DTensor (tensor parallel) gradient is
+    pass
+
+
+def test_not_for_gradients_that_are_not_plain_cpu_tensors():
     model = _model()
-    monkeypatch.setattr(clipping, "_tensor_type", lambda: torch.nn.Parameter)  # as if every grad were a DTensor
+    model.weight.grad = model.weight.grad.as_subclass(_Subclass)
     assert _Trainer(DistributedType.NO)._clip_grad_norm(model) == "the Trainer's own"
 
 
