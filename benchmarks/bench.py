@@ -383,6 +383,10 @@ def table(results: dict, peak: dict) -> str:
             )
             rows += ["", f"{name}, samples/s of each round (the rows above: each run's median round): {each}."]
     for name, runs in results["workloads"].items():
+        faults = [f"{run} {r['page_faults_per_step']:,}" for run, r in runs.items() if "page_faults_per_step" in r]
+        if faults:
+            rows += ["", f"{name}, minor page faults in a timed step (median): {'; '.join(faults)}."]
+    for name, runs in results["workloads"].items():
         if "student_plain" in runs:
             cost = runs["student_plain"]["samples_per_s"] / runs["student_distill"]["samples_per_s"]
             mean = lambda run, runs=runs: runs[f"student_{run}_3_epochs"]["samples_per_s_mean"]  # noqa: E731

@@ -52,6 +52,7 @@ def timer(warmup: int):
         def __init__(self) -> None:
             self.ends: list[float] = []
             self.tokens: list[int] = []
+            self.faults: list[int] = []  # the process's minor page faults so far, at each step's end
 
         def on_step_begin(self, args, state, control, **kw):
             if len(self.ends) == 1:  # steps 2 and 3 (warm-up): the matmul FLOPs the step really executes
@@ -66,6 +67,7 @@ def timer(warmup: int):
 
                 torch.cuda.synchronize()  # the step's kernels done, not just queued
             self.ends.append(time.perf_counter())
+            self.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
             self.tokens.append(state.num_input_tokens_seen)
             if len(self.ends) == 1:
                 self.first_step = time.time()
@@ -89,6 +91,7 @@ def timer(warmup: int):
             durations = sorted(b - a for a, b in zip(self.ends[warmup:], self.ends[warmup + 1 :], strict=False))
             median = durations[len(durations) // 2]
             tokens_per_step = (self.tokens[-1] - self.tokens[warmup]) / n
+            faults = sorted(b - a for a, b in zip(self.faults[warmup:], self.faults[warmup + 1 :], strict=False))
             return {
                 "measured_steps": n,
                 "samples_per_s": samples_per_step / median,
@@ -96,6 +99,9 @@ def timer(warmup: int):
                 "tokens_per_s": tokens_per_step / median if tokens_per_step else None,
                 "first_step_s": self.first_step - _process_start(),
                 "executed_flops_per_token": getattr(self, "executed", None),
+                # fresh pages the kernel had to map in a timed step (median): a heap still growing, or a block above
+                # glibc's mmap threshold allocated and returned every step
+                "page_faults_per_step": faults[len(faults) // 2],
             }
 
     assert warmup >= 3, "steps 2 and 3 count FLOPs: they must be warm-up steps"

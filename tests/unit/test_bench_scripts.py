@@ -60,3 +60,18 @@ def test_rounds_report_each_runs_median_round_and_the_ratio_within_rounds():
 def test_rounds_must_be_positive(tmp_path):
     done = _run([sys.executable, "benchmarks/bench.py", "--rounds", "0", "classification"], tmp_path)
     assert done.returncode == 2 and "--rounds must be at least 1" in done.stderr
+
+
+def test_table_names_each_runs_page_faults_per_step():
+    bench = _bench_module()
+    run = lambda sps, faults: {  # noqa: E731
+        "samples_per_s": sps, "tokens_per_s": None, "first_step_s": 9.0, "peak_rss_mb": 1000.0,
+        **({"page_faults_per_step": faults} if faults is not None else {}),
+    }  # fmt: skip
+    runs = {"llmkit": run(200.0, 37), "reference_tuned": run(150.0, 11446)}
+    results = {"workloads": {"sst2-minilm": runs, "old": {"llmkit": run(1.0, None)}}}
+    results.update(steps=40, warmup=80, batch=32, device="a CPU")
+    text = bench.table(results, {"fp32": 0.2, "bf16": 0.4, "bf16_head": 0.3})
+    assert "sst2-minilm, minor page faults in a timed step (median): llmkit 37; reference_tuned 11,446." in text
+    assert "old, minor page faults" not in text  # results from before the column: no line
+    assert "| sst2-minilm | - | - | 1.33x |" in text
