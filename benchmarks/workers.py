@@ -88,10 +88,14 @@ def timer(warmup: int):
         def result(self, samples_per_step: int) -> dict:
             # The median step, not the mean: a hiccup of this shared VM in one step must not move the number.
             n = len(self.ends) - 1 - warmup
-            durations = sorted(b - a for a, b in zip(self.ends[warmup:], self.ends[warmup + 1 :], strict=False))
+
+            def per_step(marks: list) -> list:  # what each timed step added, sorted
+                return sorted(b - a for a, b in zip(marks[warmup:], marks[warmup + 1 :], strict=False))
+
+            durations = per_step(self.ends)
             median = durations[len(durations) // 2]
             tokens_per_step = (self.tokens[-1] - self.tokens[warmup]) / n
-            faults = sorted(b - a for a, b in zip(self.faults[warmup:], self.faults[warmup + 1 :], strict=False))
+            faults = per_step(self.faults)
             return {
                 "measured_steps": n,
                 "samples_per_s": samples_per_step / median,

@@ -6,11 +6,12 @@ works token by token: the query, key and value projections, the attention output
 LayerNorm) and the feed-forward block, all 12 of a layer's hidden x hidden matmuls. Forward pre-hooks on those
 blocks gather the real tokens of their inputs into one [1, tokens, hidden] row (a layer's input once, for its
 four users; the count rounded up to one of a few sizes with padding positions, `packed_size`); forward hooks
-scatter the projections' and the layer's outputs back to [rows, width, ...], zeros at the padding left out. Padded positions never reach a real one (the attention mask hides them as keys; their labels are
-ignored; batches padded on the left are left alone, as a classifier reads position 0), so the outputs at real
-positions, the loss and the gradients are unchanged for the same dropout masks (tested; dropout now draws them
-over the real tokens only); the model's code, weights and state dict are untouched. Where the batch has no
-padding the hooks do nothing.
+scatter the projections' and the layer's outputs back to [rows, width, ...], zeros at the padding left out.
+Padded positions never reach a real one (the attention mask hides them as keys; their labels are ignored; batches
+padded on the left are left alone, as a classifier reads position 0), so the outputs at real positions, the loss
+and the gradients are unchanged for the same dropout masks (tested; dropout now draws them over the gathered rows
+only); the model's code, weights and state dict are untouched. Where the batch has no padding the hooks do
+nothing.
 """
 
 from __future__ import annotations
