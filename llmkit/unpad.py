@@ -12,6 +12,12 @@ padded on the left are left alone, as a classifier reads position 0), so the out
 and the gradients are unchanged for the same dropout masks (tested; dropout now draws them over the gathered rows
 only); the model's code, weights and state dict are untouched. Where the batch has no padding the hooks do
 nothing.
+
+A token classifier's last layer goes further when the batch has labels (`skip_padding(labelled_last_layer=True)`,
+NER): its loss reads the positions labelled, not -100, alone (a word's first sub-token; not the continuation
+pieces, [CLS], [SEP] or padding), so that layer's query projection, attention output block and feed-forward run at
+those positions only (keys and values at every real token: the labelled ones attend to all); the logits elsewhere
+are the head's bias. Without labels (prediction) every real position is computed.
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ class _RealTokens:
 
     index: Any = None
     shape: tuple = ()
-    last: tuple = ()  # (padded tensor, its gathered tokens) pairs: the last two gathered
+    last: tuple = ()  # (padded tensor, index, its gathered tokens): the last three gathered
+    labels: Any = None  # the labels the model was called with (a token classifier's, read before the encoder)
+    labelled: Any = None  # the flat indices of the labelled positions, where the last layer runs on them alone
 
 
 def wanted(recipe: Any) -> bool:
@@ -54,10 +62,22 @@ def encoder_layers(model: Any) -> tuple[Any, Any, Any] | None:
     return (base, base.base_model, layers) if layers else None
 
 
-def skip_padding(model: Any) -> bool:
+# Token classifiers whose loss is cross-entropy over the positions not labelled -100, from each position's own
+# last hidden state (dropout, one linear layer): no other position of the last layer feeds the loss.
+TOKEN_HEADS = {
+    "BertForTokenClassification",
+    "RobertaForTokenClassification",
+    "XLMRobertaForTokenClassification",
+    "CamembertForTokenClassification",
+    "ElectraForTokenClassification",
+}
+
+
+def skip_padding(model: Any, labelled_last_layer: bool = False) -> bool:
     """Install the hooks on a BERT-family encoder (not decoders, cross-attention or a chunked feed-forward).
     A layer whose attention output already runs at the first token only (classification's last layer) is left
-    to that hook. Returns whether it applies; a second call installs nothing more."""
+    to that hook; with `labelled_last_layer` a token classifier's last layer runs at the labelled positions when
+    the batch has labels. Returns whether it applies; a second call installs nothing more."""
     found = encoder_layers(model)
     if found is None or getattr(found[0].config, "model_type", None) not in ENCODERS:
         return False
@@ -68,16 +88,26 @@ def skip_padding(model: Any) -> bool:
     if getattr(encoder_model, "_llmkit_skips_padding", False):
         return True
     batch = _RealTokens()
+    labelled = labelled_last_layer and type(found[0]).__name__ in TOKEN_HEADS
+    if labelled:
+        found[0].register_forward_pre_hook(_label_reader(batch), with_kwargs=True)
     encoder_model.register_forward_pre_hook(_reader(batch), with_kwargs=True)
-    for layer, block in zip(layers, blocks, strict=True):
+    def real() -> Any:
+        return batch.index
+
+    def at_labels() -> Any:  # the last layer's query, attention output and feed-forward, where labels are known
+        return batch.index if batch.labelled is None else batch.labelled
+
+    for i, (layer, block) in enumerate(zip(layers, blocks, strict=True)):
+        rows = at_labels if labelled and i == len(layers) - 1 else real
         # The gathered layer input is reused within one attention block only: under gradient checkpointing the
         # block runs again in the backward pass, and must gather (and save for its backward) exactly as before.
         layer.attention.register_forward_pre_hook(_forget(batch))
-        for projection in _projections(layer):
-            projection.register_forward_pre_hook(_gather(batch, projection))
+        for j, projection in enumerate(_projections(layer)):  # query, key, value
+            projection.register_forward_pre_hook(_gather(batch, projection, rows if j == 0 else real))
             projection.register_forward_hook(_scatter(batch, projection))
         if not getattr(block, "_llmkit_first_token", False):
-            block.register_forward_pre_hook(_gather(batch, layer))
+            block.register_forward_pre_hook(_gather(batch, layer, rows))
             layer.register_forward_hook(_scatter(batch, layer, ends_layer=True))
     encoder_model._llmkit_skips_padding = True
     return True
@@ -89,24 +119,41 @@ def _projections(layer: Any) -> list:
     return found if all(p is not None for p in found) else []
 
 
+def _label_reader(batch: _RealTokens) -> Any:
+    def read_labels(module: Any, args: tuple, kwargs: dict) -> None:
+        batch.labels = kwargs.get("labels")
+
+    return read_labels
+
+
 def _reader(batch: _RealTokens) -> Any:
     def read_mask(module: Any, args: tuple, kwargs: dict) -> None:
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        batch.index, batch.last = None, ()
+        labels, batch.labels = batch.labels, None
+        batch.index, batch.last, batch.labelled = None, (), None
         if mask is None or getattr(mask, "dim", lambda: 0)() != 2:
             return
+        batch.shape = tuple(mask.shape)
+        if labels is not None and tuple(labels.shape) == batch.shape:
+            batch.labelled = _rows(labels.reshape(-1).ne(-100))
         real = mask.reshape(-1).ne(0)
         # Right padding only: with left padding position 0 (a classifier's token) is padding in the short rows.
         if bool(real.all()) or not bool(mask[:, 0].ne(0).all()):
             return
-        count = int(real.sum())
-        extra = packed_size(count) - count
-        if count + extra >= real.numel():  # as many rows as the padded batch: nothing to skip
-            return
-        real[(~real).nonzero().squeeze(1)[:extra]] = True  # padding positions that ride along (see packed_size)
-        batch.index, batch.shape = real.nonzero().squeeze(1), tuple(mask.shape)
+        batch.index = _rows(real)
 
     return read_mask
+
+
+def _rows(wanted: Any) -> Any:
+    """The flat indices to gather for a [positions] bool of those wanted: their count rounded up by positions not
+    wanted riding along (see packed_size); None where none are wanted or the rounding reaches every position."""
+    count = int(wanted.sum())
+    extra = packed_size(count) - count
+    if count == 0 or count + extra >= wanted.numel():  # as many rows as the padded batch: nothing to skip
+        return None
+    wanted[(~wanted).nonzero().squeeze(1)[:extra]] = True  # positions that ride along (see packed_size)
+    return wanted.nonzero().squeeze(1)
 
 
 def packed_size(tokens: int) -> int:
@@ -127,24 +174,25 @@ def _forget(batch: _RealTokens) -> Any:
     return forget
 
 
-def _pack(batch: _RealTokens, a: Any) -> Any:
+def _pack(batch: _RealTokens, a: Any, index: Any) -> Any:
     """[rows, width, d] -> [1, tokens, d]. A layer's input feeds four blocks (query, key, value and the residual
-    of the attention's output block): gathered once."""
-    for seen, packed in batch.last:
-        if seen is a:
+    of the attention's output block): gathered once (twice in a labelled last layer: all real tokens for the keys
+    and values, the labelled ones for the rest)."""
+    for seen, at, packed in batch.last:
+        if seen is a and at is index:
             return packed
-    packed = a.reshape(-1, a.shape[-1]).index_select(0, batch.index).unsqueeze(0)
-    batch.last = ((a, packed), *batch.last[:1])  # the layer input stays while its attention's context comes by
+    packed = a.reshape(-1, a.shape[-1]).index_select(0, index).unsqueeze(0)
+    batch.last = ((a, index, packed), *batch.last[:2])  # the layer input stays while its context comes by
     return packed
 
 
-def _gather(batch: _RealTokens, owner: Any) -> Any:
+def _gather(batch: _RealTokens, owner: Any, rows: Any) -> Any:
     def gather(module: Any, args: tuple) -> Any:
-        owner._llmkit_packed = False
-        if batch.index is None or not args or any(a.dim() != 3 or a.shape[:2] != batch.shape for a in args):
+        owner._llmkit_packed = index = rows()
+        if index is None or not args or any(a.dim() != 3 or a.shape[:2] != batch.shape for a in args):
+            owner._llmkit_packed = None
             return None
-        owner._llmkit_packed = True
-        return tuple(_pack(batch, a) for a in args)
+        return tuple(_pack(batch, a, index) for a in args)
 
     return gather
 
@@ -153,13 +201,14 @@ def _scatter(batch: _RealTokens, owner: Any, ends_layer: bool = False) -> Any:
     import torch
 
     def scatter(module: Any, args: tuple, output: Any) -> Any:
-        if not getattr(owner, "_llmkit_packed", False) or not isinstance(output, torch.Tensor):
+        index = getattr(owner, "_llmkit_packed", None)
+        if index is None or not isinstance(output, torch.Tensor):
             return None
-        owner._llmkit_packed = False
+        owner._llmkit_packed = None
         if ends_layer:  # its gathered tensors are done with
             batch.last = ()
         rows, width = batch.shape
         flat = output.new_zeros(rows * width, output.shape[-1])
-        return flat.index_copy(0, batch.index, output[0]).view(rows, width, -1)
+        return flat.index_copy(0, index, output[0]).view(rows, width, -1)
 
     return scatter

@@ -168,7 +168,7 @@ def _predict(recipe: Any, model: Any, tokenizer: Any, rows: list[dict], batch_si
 
 def _speed_up(recipe: Any, model: Any) -> None:
     if unpad.wanted(recipe):
-        unpad.skip_padding(model)
+        unpad.skip_padding(model, labelled_last_layer=True)
 
 
 TASK = Task(

@@ -293,6 +293,30 @@ def test_skipping_padding_keeps_real_outputs_loss_and_gradients(head, kind, attn
     assert torch.allclose(full(**left).logits, fast(**left).logits, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["bert", "roberta", "electra"])
+def test_a_token_classifiers_last_layer_runs_at_its_labelled_positions_only(kind):
+    import copy
+
+    from llmkit.unpad import skip_padding
+
+    full = _classifier(kind, "eager", tokens=True)
+    fast, real_only = copy.deepcopy(full), copy.deepcopy(full)
+    assert skip_padding(fast, labelled_last_layer=True) and skip_padding(real_only)
+    batch, mask = _padded_batch(None)
+    batch["labels"][:, ::3] = -100  # as [CLS] and continuation pieces: 22 of the 34 real tokens labelled
+    labelled = batch["labels"] != -100
+    seen = []
+    fast.base_model.encoder.layer[-1].intermediate.register_forward_hook(lambda m, a, out: seen.append(a[0].shape))
+    flops = _same_outputs_and_gradients(full, fast, batch, labelled)
+    assert seen[0] == torch.Size([1, 24, 16])  # the last feed-forward at 22 labelled positions (rounded to 24)
+    full.zero_grad(set_to_none=True)
+    assert flops["fast"] < 0.95 * _same_outputs_and_gradients(full, real_only, batch, mask.bool())["fast"], flops
+    unlabelled = {k: v for k, v in batch.items() if k != "labels"}  # prediction: every real position computed
+    assert torch.allclose(full(**unlabelled).logits[mask.bool()], fast(**unlabelled).logits[mask.bool()], atol=1e-5)
+    sequence = _classifier(kind, "eager")  # other heads' last layers are left as they are
+    assert skip_padding(sequence, labelled_last_layer=True) and not sequence._forward_pre_hooks
+
+
 def test_gathered_tokens_take_one_of_a_few_sizes_with_padding_positions_riding_along():
     from llmkit.unpad import packed_size, skip_padding
 
@@ -361,8 +385,9 @@ def test_skipping_padding_under_gradient_checkpointing(reentrant):
 
     full = _classifier("bert", "eager", tokens=True)
     fast = copy.deepcopy(full)
-    assert skip_padding(fast)
+    assert skip_padding(fast, labelled_last_layer=True)
     batch, _ = _padded_batch(None)
+    batch["labels"][:, ::3] = -100
     for model in (full, fast):  # the backward pass runs each layer again: it must gather as the forward did
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         model.train()
