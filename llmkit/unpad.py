@@ -92,6 +92,7 @@ def skip_padding(model: Any, labelled_last_layer: bool = False) -> bool:
     if labelled:
         found[0].register_forward_pre_hook(_label_reader(batch), with_kwargs=True)
     encoder_model.register_forward_pre_hook(_reader(batch), with_kwargs=True)
+
     def real() -> Any:
         return batch.index
 
