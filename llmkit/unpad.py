@@ -10,14 +10,15 @@ scatter the projections' and the layer's outputs back to [rows, width, ...], zer
 Padded positions never reach a real one (the attention mask hides them as keys; their labels are ignored; batches
 padded on the left are left alone, as a classifier reads position 0), so the outputs at real positions, the loss
 and the gradients are unchanged for the same dropout masks (tested; dropout now draws them over the gathered rows
-only); the model's code, weights and state dict are untouched. Where the batch has no padding the hooks do
-nothing.
+only); the model's code, weights and state dict are untouched. Where the batch has no padding (or is padded on
+the left) these hooks do nothing.
 
 A token classifier's last layer goes further when the batch has labels (`skip_padding(labelled_last_layer=True)`,
 NER): its loss reads the positions labelled, not -100, alone (a word's first sub-token; not the continuation
 pieces, [CLS], [SEP] or padding), so that layer's query projection, attention output block and feed-forward run at
 those positions only (keys and values at every real token: the labelled ones attend to all); the logits elsewhere
-are the head's bias. Without labels (prediction) every real position is computed.
+are the head's bias. This holds with or without padding on either side; without labels (prediction), or with
+nothing labelled, every real position is computed.
 """
 
 from __future__ import annotations

@@ -294,12 +294,13 @@ def test_skipping_padding_keeps_real_outputs_loss_and_gradients(head, kind, attn
 
 
 @pytest.mark.parametrize("kind", ["bert", "roberta", "electra"])
-def test_a_token_classifiers_last_layer_runs_at_its_labelled_positions_only(kind):
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_a_token_classifiers_last_layer_runs_at_its_labelled_positions_only(kind, attn):
     import copy
 
-    from llmkit.unpad import skip_padding
+    from llmkit.unpad import packed_size, skip_padding
 
-    full = _classifier(kind, "eager", tokens=True)
+    full = _classifier(kind, attn, tokens=True)
     fast, real_only = copy.deepcopy(full), copy.deepcopy(full)
     assert skip_padding(fast, labelled_last_layer=True) and skip_padding(real_only)
     batch, mask = _padded_batch(None)
@@ -313,6 +314,23 @@ def test_a_token_classifiers_last_layer_runs_at_its_labelled_positions_only(kind
     assert flops["fast"] < 0.95 * _same_outputs_and_gradients(full, real_only, batch, mask.bool())["fast"], flops
     unlabelled = {k: v for k, v in batch.items() if k != "labels"}  # prediction: every real position computed
     assert torch.allclose(full(**unlabelled).logits[mask.bool()], fast(**unlabelled).logits[mask.bool()], atol=1e-5)
+    for other in (torch.ones_like(mask), mask.flip(1)):  # no padding, left padding: the labelled rows still
+        labels = batch["labels"].masked_fill(other == 0, -100)
+        seen.clear()
+        a, b = (
+            full(**dict(batch, attention_mask=other, labels=labels)),
+            fast(**dict(batch, attention_mask=other, labels=labels)),
+        )
+        assert torch.allclose(a.logits[labels != -100], b.logits[labels != -100], atol=1e-5) and torch.allclose(
+            a.loss, b.loss, atol=1e-6
+        )
+        assert seen[0][1] == packed_size(int((labels != -100).sum()))
+    seen.clear()
+    nothing = batch["labels"].masked_fill(torch.ones_like(mask, dtype=torch.bool), -100)  # no labelled position
+    assert torch.allclose(
+        full(**unlabelled).logits[mask.bool()], fast(**dict(batch, labels=nothing)).logits[mask.bool()], atol=1e-5
+    )
+    assert seen == [torch.Size([1, 40, 16])]  # every real token (34, rounded to 40)
     sequence = _classifier(kind, "eager")  # other heads' last layers are left as they are
     assert skip_padding(sequence, labelled_last_layer=True) and not sequence._forward_pre_hooks
 
@@ -375,6 +393,8 @@ def test_tasks_skip_padding_unless_the_hidden_loss_or_compile_needs_every_positi
         model = _classifier("bert", "eager", tokens=task_name == "ner")
         task.prepare_model(recipe, model)
         assert getattr(model.bert, "_llmkit_skips_padding", False) is expected, recipe
+        # NER's last layer runs at the labelled positions: the labels are read where the model is called
+        assert bool(model._forward_pre_hooks) is (expected and task_name == "ner"), recipe
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
