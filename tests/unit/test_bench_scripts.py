@@ -75,3 +75,47 @@ def test_table_names_each_runs_page_faults_per_step():
     assert "sst2-minilm, minor page faults in a timed step (median): llmkit 37; reference_tuned 11,446." in text
     assert "old, minor page faults" not in text  # results from before the column: no line
     assert "| sst2-minilm | - | - | 1.33x |" in text
+
+
+def test_step_loop_batches_label_first_pieces_and_group_by_token_count(tmp_path, monkeypatch):
+    """benchmarks/step_loop.py: a word's first piece carries its tag (the rest -100, as run_ner), and grouped
+    batches hold rows of similar token counts (not word counts: one long word is many pieces)."""
+    import importlib.util
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("step_loop", ROOT / "benchmarks" / "step_loop.py")
+    step_loop = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step_loop)
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "a": 4, "b": 5, "##b": 6}
+    wordpiece = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    wordpiece.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    wordpiece.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    tok = PreTrainedTokenizerFast(tokenizer_object=wordpiece, pad_token="[PAD]", unk_token="[UNK]")
+    rows = [{"tokens": ["a"] * (1 + i % 8), "ner_tags": ["B-x"] + ["O"] * (i % 8)} for i in range(48)]
+    rows += [{"tokens": ["b" * (2 + i)], "ner_tags": ["I-x"]} for i in range(16)]  # 1 word, 3-18 pieces
+    (tmp_path / "wnut17").mkdir()
+    (tmp_path / "wnut17" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(step_loop, "DATA", tmp_path)
+    random_batches = step_loop.batches("ner", tok, 2, grouped=False)
+    for b in random_batches:
+        for ids, labels, mask in zip(b["input_ids"], b["labels"], b["attention_mask"], strict=True):
+            pieces = ids[mask.bool()].tolist()
+            tagged = labels[mask.bool()].tolist()
+            assert tagged[0] == tagged[-1] == -100  # [CLS], [SEP]
+            words = [k for k, p in enumerate(pieces) if p in (4, 5)]  # "a", "b": a word's first piece
+            assert [k for k, t in enumerate(tagged) if t != -100] == words
+            tags = [tagged[k] for k in words]  # B-x 0, I-x 1, O 2 (sorted names)
+            assert tags == ([1] if pieces[1] == 5 else [0] + [2] * (len(words) - 1))
+    grouped = step_loop.batches("ner", tok, 2, grouped=True)
+    widths = sorted(int(b["attention_mask"].sum(1).max()) for b in grouped)
+    # by token count: the 32 shortest rows (3-7 tokens) in one batch, the rest (up to [CLS] b ##b x 16 [SEP])
+    assert widths == [7, 19]
+    assert sorted(r for b in grouped for r in b["attention_mask"].sum(1).tolist()) == sorted(
+        r for b in random_batches for r in b["attention_mask"].sum(1).tolist()
+    )  # the same rows
