@@ -33,8 +33,11 @@ PAIRS = [("llmkit", "random"), ("llmkit", "grouped"), ("tuned", "grouped")]
 def batches(task: str, tok, n: int, grouped: bool) -> list[dict]:
     import torch
 
+    from llmkit.tasks.ner import align_labels
+
     rows = [json.loads(line) for line in (DATA / ("wnut17" if task == "ner" else "sst2") / "train.jsonl").open()]
     names = sorted({t for r in rows for t in r["ner_tags"]}) if task == "ner" else []
+    index = {name: i for i, name in enumerate(names)}
     random.Random(0).shuffle(rows)
     rows = rows[: 32 * n]
     if task == "ner":
@@ -57,12 +60,9 @@ def batches(task: str, tok, n: int, grouped: bool) -> list[dict]:
         for j, i in enumerate(picked):
             row = enc[i]["input_ids"]
             ids[j, : len(row)], mask[j, : len(row)] = torch.tensor(row), 1
-            if task == "ner":  # a word's first piece carries its tag, as run_ner labels
-                prev = None
-                for k, w in enumerate(enc[i].word_ids()):
-                    if w is not None and w != prev:
-                        labels[j, k] = names.index(rows[i]["ner_tags"][w])
-                    prev = w
+            if task == "ner":  # a word's first piece carries its tag (NER's default, as run_ner labels)
+                tags = [index[t] for t in rows[i]["ner_tags"]]
+                labels[j, : len(row)] = torch.tensor(align_labels(enc[i].word_ids(), tags, False, {}))
             else:
                 labels[j] = int(rows[i]["label"])
         out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
