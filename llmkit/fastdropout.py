@@ -33,6 +33,12 @@ _torch_dropout = F.dropout
 _LOWEST = 1 / 256  # below it (and above 1 - it) 16 bits would misstate the rate by more than 0.2%
 
 
+def _as(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The bool mask as 0/1 in `dtype`, through its bytes: torch converts uint8 with vector code, bool element by element
+    (a 1.3M-element attention mask: 0.08 against 0.68 ms to fp32 here)."""
+    return keep.view(torch.uint8).to(dtype)
+
+
 class _MaskedScale(torch.autograd.Function):
     """y = x * mask / (1-p) with a mask of 16-bit random draws; the backward reuses the mask."""
 
@@ -44,12 +50,12 @@ class _MaskedScale(torch.autograd.Function):
         keep = bits >= -32768 + round(p * 65536)
         ctx.scale = 1.0 / (1.0 - p)  # a Python float: x * scale is rounded once into x's dtype
         ctx.save_for_backward(keep)  # one byte per element (torch's CPU dropout keeps a mask in x's dtype)
-        return (x * keep.to(x.dtype)).mul_(ctx.scale)  # 0/1 are exact in every float dtype
+        return (x * _as(keep, x.dtype)).mul_(ctx.scale)  # 0/1 are exact in every float dtype
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (keep,) = ctx.saved_tensors
-        return (grad * keep.to(grad.dtype)).mul_(ctx.scale), None
+        return (grad * _as(keep, grad.dtype)).mul_(ctx.scale), None
 
 
 def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
