@@ -28,13 +28,12 @@ def classification_scores(predictions: Any, references: Any) -> dict[str, float]
     if r.ndim == 2:  # multi-label indicator rows: one binary decision per column
         accuracy = float(np.all(p == r, axis=1).mean())
         tp, fp, fn = ((p == 1) & (r == 1)).sum(0), ((p == 1) & (r != 1)).sum(0), ((p != 1) & (r == 1)).sum(0)
-    else:
-        labels = np.union1d(p, r)
+    else:  # the labels that occur in either, as sklearn's macro average counts them
+        labels, ids = np.unique(np.concatenate([p, r]), return_inverse=True)
+        matrix = _confusion(ids[: len(p)], ids[len(p) :], len(labels))
         accuracy = float((p == r).mean())
-        hit = p == r
-        tp = np.array([np.sum(hit & (r == x)) for x in labels])
-        fp = np.array([np.sum(p == x) for x in labels]) - tp
-        fn = np.array([np.sum(r == x) for x in labels]) - tp
+        tp = np.diag(matrix)
+        fp, fn = matrix.sum(0) - tp, matrix.sum(1) - tp
 
     def ratio(num: Any, den: Any) -> Any:
         num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
@@ -53,12 +52,17 @@ def classification_scores(predictions: Any, references: Any) -> dict[str, float]
 
 def confusion_counts(predictions: Any, references: Any, n_labels: int) -> list[list[int]]:
     """Single-label confusion matrix as plain lists: row = true label id, column = predicted id."""
+    return _confusion(predictions, references, n_labels).tolist()
+
+
+def _confusion(predictions: Any, references: Any, n_labels: int) -> Any:
+    """[true id, predicted id] counts of ids in [0, n_labels) as a numpy array (pairs with an id outside: left out)."""
     import numpy as np
 
     p, r = np.asarray(predictions, dtype=np.int64), np.asarray(references, dtype=np.int64)
     inside = (p >= 0) & (p < n_labels) & (r >= 0) & (r < n_labels)
     flat = np.bincount(r[inside] * n_labels + p[inside], minlength=n_labels * n_labels)
-    return flat.reshape(n_labels, n_labels).tolist()
+    return flat.reshape(n_labels, n_labels)
 
 
 def perplexity(loss: float) -> float:
