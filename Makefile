@@ -43,12 +43,13 @@ bench-stream: $(BIN)/llmkit  ## streaming vs in memory: peak memory (200 MB and 
 # What benchmarks/gpu.sh installs on an offline CUDA machine (Python 3.12, torch and transformers already there):
 # llmkit's own wheel and those of the packages such a machine lacks, into .whl/ (ignored; carry it there).
 GPU_WHEEL_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64,--platform $(p))
-gpu-wheels: $(BIN)/llmkit  ## wheels for benchmarks/gpu.sh on an offline GPU machine, into .whl/
+gpu-wheels: $(BIN)/llmkit  ## wheels (.whl/), data and MiniLM (.gpu/) for benchmarks/gpu.sh on an offline GPU machine
 	rm -rf .whl
 	$(BIN)/pip wheel --quiet --no-deps -w .whl . seqeval rouge-score
 	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	  $(GPU_WHEEL_PLATFORMS) -d .whl datasets dill multiprocess evaluate nltk torchdata liger-kernel
-	@du -sh .whl
+	$(BIN)/python benchmarks/gpu_pack.py
+	@du -sh .whl .gpu
 
 quality: $(BIN)/llmkit  ## the README's quality numbers on ../shared/data (about 1.5 hours on 2 CPU cores)
 	bash benchmarks/quality.sh sst2 wnut scitldr sst2-full distill-sst2 distill-wnut distill-mlm distill-clm export-sst2 export-wnut tune-sst2

@@ -223,12 +223,18 @@ def busy_cpus() -> float:
 
 
 def wait_until_idle(limit_s: float = 60) -> float:
+    if os.environ.get("LLMKIT_BENCH_GPU") == "1":  # a GPU run's host cores barely matter: never idle a short lease
+        limit_s = 0
     deadline = time.time() + limit_s
     while (busy := busy_cpus()) > 0.3 and time.time() < deadline:
         time.sleep(2)
     if busy > 0.3:
         print(f"warning: other processes keep {busy:.1f} cores busy; timings will be low", file=sys.stderr)
     return busy
+
+
+class RunFailed(Exception):
+    """A run of workers.py that exited non-zero or printed no result: its workload is reported failed, the rest run."""
 
 
 def one_run(which: str, spec: dict) -> dict:
@@ -240,7 +246,8 @@ def one_run(which: str, spec: dict) -> dict:
     )  # fmt: skip
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
-        sys.exit(f"{which} run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RunFailed(f"{which} run failed ({proc.returncode}): {last}\n{proc.stderr[-3000:]}")
     result = json.loads(line[len("RESULT ") :])
     if "[bench] top ops" in proc.stderr:  # LLMKIT_BENCH_PROFILE=N (workers.py)
         print(f"[bench] {which}:", proc.stderr[proc.stderr.index("[bench] top ops") :], file=sys.stderr)
@@ -397,6 +404,7 @@ def table(results: dict, peak: dict) -> str:
                 f"{mean('plain') / mean('distill'):.2f}x with the teacher's logits kept, "
                 f"{mean('plain') / mean('distill_no_cache'):.2f}x with distill.cache=false.",
             ]
+    rows += [f"\n{name}: failed ({why})." for name, why in results.get("failed", {}).items()]
     rows += [
         "",
         f"Matmul peak measured in this run: {peak['fp32']:.2f} TFLOP/s fp32, {peak['bf16']:.2f} TFLOP/s bf16 (square); "
@@ -437,21 +445,27 @@ def main() -> None:
     wait_until_idle()
     peak = matmul_peak("cuda" if a.gpu else "cpu")
     results = {"peak_tflops": peak, "steps": a.steps, "warmup": a.warmup, "batch": a.batch, "device": device}
-    results["workloads"] = {}
-    for name in a.workloads:
-        print(f"[bench] {name} ...", file=sys.stderr, flush=True)
-        results["workloads"][name] = bench(name, WORKLOADS[name], a)
-    results["wall_s"] = round(time.time() - started, 1)
-    md = table(results, peak)
+    results["workloads"], results["failed"] = {}, {}
     # Every workload: the committed results; some of them: beside the runs, leaving those alone.
     full = a.workloads == list(WORKLOADS)
     folder, stem = (ROOT / "benchmarks", "results") if full else (OUT, f"results-{'-'.join(a.workloads)}")
     if a.gpu:
         folder, stem = ROOT / "benchmarks", "results-gpu"
-    (folder / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-    (folder / f"{stem}.md").write_text(md)
+    for name in a.workloads:
+        print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+        try:
+            results["workloads"][name] = bench(name, WORKLOADS[name], a)
+        except RunFailed as e:  # one workload's failure costs its own row, not the others' (a GPU lease is short)
+            print(f"[bench] {name} failed: {e}", file=sys.stderr, flush=True)
+            results["failed"][name] = str(e).splitlines()[0]
+        results["wall_s"] = round(time.time() - started, 1)
+        md = table(results, peak)  # after each workload: a run cut short keeps what it measured
+        (folder / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+        (folder / f"{stem}.md").write_text(md)
     print(md)
     print(f"[bench] {results['wall_s']:.0f} s; wrote {folder / stem}.json and .md", file=sys.stderr)
+    if results["failed"]:
+        sys.exit(f"[bench] failed: {', '.join(results['failed'])}")
 
 
 if __name__ == "__main__":

@@ -62,6 +62,39 @@ def test_rounds_must_be_positive(tmp_path):
     assert done.returncode == 2 and "--rounds must be at least 1" in done.stderr
 
 
+def test_a_failed_workload_costs_its_own_row_and_each_workload_is_written_as_it_ends(tmp_path, monkeypatch):
+    """A GPU lease is short: one workload's failure must not lose the others, nor a run cut short what it measured."""
+    import json
+
+    import pytest
+
+    bench = _bench_module()
+    written = []
+
+    def fake_bench(name, w, a):
+        if name == "ner":
+            raise bench.RunFailed("llmkit run failed (1): ModuleNotFoundError: No module named 'seqeval'\ntraceback")
+        so_far = tmp_path / "results-classification-ner-mlm.json"
+        written.append(json.loads(so_far.read_text()) if so_far.exists() else None)
+        return {"llmkit": {"samples_per_s": 200.0, "tokens_per_s": None, "first_step_s": 9.0, "peak_rss_mb": 1.0}}
+
+    monkeypatch.setattr(bench, "bench", fake_bench)
+    monkeypatch.setattr(bench, "matmul_peak", lambda device: {"fp32": 0.2, "bf16": 0.4, "bf16_head": 0.3})
+    monkeypatch.setattr(bench, "wait_until_idle", lambda: 0.0)
+    monkeypatch.setattr(bench, "OUT", tmp_path)
+    monkeypatch.setattr(bench, "DATA", tmp_path)
+    monkeypatch.setattr(sys, "argv", ["bench.py", "classification", "ner", "mlm"])
+    with pytest.raises(SystemExit, match=r"^\[bench\] failed: ner$"):
+        bench.main()
+    assert written[0] is None  # mlm began with classification's row and ner's failure on disk
+    assert set(written[1]["workloads"]) == {"classification"} and set(written[1]["failed"]) == {"ner"}
+    results = json.loads((tmp_path / "results-classification-ner-mlm.json").read_text())
+    assert set(results["workloads"]) == {"classification", "mlm"}
+    assert results["failed"] == {"ner": "llmkit run failed (1): ModuleNotFoundError: No module named 'seqeval'"}
+    md = (tmp_path / "results-classification-ner-mlm.md").read_text()
+    assert "ner: failed (llmkit run failed (1): ModuleNotFoundError: No module named 'seqeval')." in md
+
+
 def test_table_names_each_runs_page_faults_per_step():
     bench = _bench_module()
     run = lambda sps, faults: {  # noqa: E731
