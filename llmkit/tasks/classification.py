@@ -159,7 +159,7 @@ def last_layer_first_token_only(model: Any) -> bool:
 
 def _speed_up(recipe: Any, model: Any) -> None:
     # Not with distillation's hidden-state loss: it compares the last hidden states at every position.
-    if recipe.distill is None or not recipe.distill.hidden_loss:
+    if unpad.positions_skipped(recipe) and (recipe.distill is None or not recipe.distill.hidden_loss):
         last_layer_first_token_only(model)  # first: skip_padding leaves the layer it changed alone
     if unpad.wanted(recipe):
         unpad.skip_padding(model)

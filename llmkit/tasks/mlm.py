@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from llmkit import unpad
 from llmkit.errors import RecipeError
 from llmkit.rows import TEXT
 from llmkit.tasks._packing import lm_metrics, pack, text_corpus
@@ -150,6 +151,8 @@ def _speed_up(recipe: Any, model: Any) -> None:
     # Not under nn.DataParallel (several GPUs, one process): its replicas share the hooks' state across
     # threads. Not for models that already predict only at masked positions (ModernBERT's sparse_prediction).
     if (recipe.args is not None and recipe.args.n_gpu > 1) or getattr(model.config, "sparse_prediction", False):
+        return
+    if not unpad.positions_skipped(recipe):  # model.skip_positions: false
         return
     predict_masked_positions_only(model)
 

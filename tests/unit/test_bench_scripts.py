@@ -108,6 +108,11 @@ def test_table_names_each_runs_page_faults_per_step():
     assert "sst2-minilm, minor page faults in a timed step (median): llmkit 37; reference_tuned 11,446." in text
     assert "old, minor page faults" not in text  # results from before the column: no line
     assert "| sst2-minilm | - | - | 1.33x |" in text
+    assert "llmkit's runs with" not in text
+    results["llmkit_set"] = ["model.skip_positions=false"]
+    assert "llmkit's runs with model.skip_positions=false." in bench.table(
+        results, {"fp32": 0.2, "bf16": 0.4, "bf16_head": 0.3}
+    )
 
 
 def test_step_loop_batches_label_first_pieces_and_group_by_token_count(tmp_path, monkeypatch):

@@ -389,10 +389,15 @@ def test_tasks_skip_padding_unless_the_hidden_loss_or_compile_needs_every_positi
         (NS(distill=NS(hidden_loss=1.0), args=plain.args), False),
         (NS(distill=None, args=NS(torch_compile=True, n_gpu=1)), False),
         (NS(distill=None, args=NS(torch_compile=False, n_gpu=2)), False),  # nn.DataParallel: replicas share hooks
+        (NS(distill=None, args=plain.args, model=NS(skip_positions=False)), False),  # every position, as transformers
     ):
         model = _classifier("bert", "eager", tokens=task_name == "ner")
         task.prepare_model(recipe, model)
         assert getattr(model.bert, "_llmkit_skips_padding", False) is expected, recipe
+        if task_name == "classification":  # the last layer at the first token: off only where every position is kept
+            block = model.bert.encoder.layer[-1].attention.output
+            kept = getattr(recipe, "model", NS(skip_positions=True)).skip_positions and recipe.distill is None
+            assert getattr(block, "_llmkit_first_token", False) is kept, recipe
         # NER's last layer runs at the labelled positions: the labels are read where the model is called
         assert bool(model._forward_pre_hooks) is (expected and task_name == "ner"), recipe
 

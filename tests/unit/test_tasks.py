@@ -329,12 +329,12 @@ def test_summarization_collator_never_targets_the_decoder_start_token(tokenizer)
 # ------------------------------------------------------------------ mlm
 
 
-def _mlm_recipe(seed=42):
+def _mlm_recipe(seed=42, **model):
     from llmkit.config import resolve
 
     raw = {
         "task": "mlm",
-        "model": {"config": {"model_type": "bert"}},
+        "model": {"config": {"model_type": "bert"}, **model},
         "data": {"train": "unused", "max_length": 16},
         "trainer": {"output_dir": "runs/t", "seed": seed, "report_to": "none"},
     }
@@ -393,6 +393,20 @@ def test_mlm_head_on_masked_positions_only_gives_the_same_loss_and_gradients():
     for (name, p), q in zip(plain.named_parameters(), fast.parameters(), strict=True):
         assert torch.allclose(p.grad, q.grad, atol=1e-6), name
     assert fast(input_ids=ids).logits.shape == (3, 12, 50)  # inference (no labels) is untouched
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_mlm_head_at_masked_positions_only_unless_skip_positions_is_off(skip):
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    model = BertForMaskedLM(cfg)
+    get_task("mlm").prepare_model(_mlm_recipe(skip_positions=skip), model)
+    ids = torch.randint(5, 50, (2, 8))
+    labels = torch.full_like(ids, IGNORE)
+    labels[0, 1], labels[1, 4] = 7, 9
+    assert model(input_ids=ids, labels=labels).logits.shape == ((2, 50) if skip else (2, 8, 50))
 
 
 def test_mlm_speed_up_stays_off_where_it_cannot_work(tokenizer):
