@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -417,6 +418,13 @@ def table(results: dict, peak: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
+def _write(path: Path, text: str) -> None:
+    """Whole or not at all: a run killed while writing leaves the last complete file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("workloads", nargs="*", help=f"some of: {' '.join(WORKLOADS)} (default: all)")
@@ -454,21 +462,24 @@ def main() -> None:
     results["llmkit_set"] = a.llmkit_set
     results["workloads"], results["failed"] = {}, {}
     # Every workload: the committed results; some of them: beside the runs, leaving those alone.
-    full = a.workloads == list(WORKLOADS)
+    full = a.workloads == list(WORKLOADS) and not a.llmkit_set
     folder, stem = (ROOT / "benchmarks", "results") if full else (OUT, f"results-{'-'.join(a.workloads)}")
-    if a.gpu:
+    if a.gpu:  # with --llmkit-set beside the plain results, never over them
         folder, stem = ROOT / "benchmarks", "results-gpu"
+    if a.llmkit_set:
+        stem += "-" + "-".join(re.sub(r"[^\w.]+", "_", s) for s in a.llmkit_set)
     for name in a.workloads:
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
         try:
             results["workloads"][name] = bench(name, WORKLOADS[name], a)
-        except RunFailed as e:  # one workload's failure costs its own row, not the others' (a GPU lease is short)
-            print(f"[bench] {name} failed: {e}", file=sys.stderr, flush=True)
-            results["failed"][name] = str(e).splitlines()[0]
+        except Exception as e:  # one workload's failure costs its own row, not the others' (a GPU lease is short)
+            print(f"[bench] {name} failed: {e!r}", file=sys.stderr, flush=True)
+            first = str(e).splitlines()[0] if str(e) else ""
+            results["failed"][name] = first if isinstance(e, RunFailed) else f"{type(e).__name__}: {first}"
         results["wall_s"] = round(time.time() - started, 1)
         md = table(results, peak)  # after each workload: a run cut short keeps what it measured
-        (folder / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-        (folder / f"{stem}.md").write_text(md)
+        _write(folder / f"{stem}.json", json.dumps(results, indent=2) + "\n")
+        _write(folder / f"{stem}.md", md)
     print(md)
     print(f"[bench] {results['wall_s']:.0f} s; wrote {folder / stem}.json and .md", file=sys.stderr)
     if results["failed"]:

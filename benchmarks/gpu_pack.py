@@ -36,7 +36,8 @@ def get_model_path() -> Path:
                 shutil.copy(f, TARGET / f.name)
         weights = load_file(str(HERE / "model.safetensors"))
         wide = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in weights.items()}
-        save_file(wide, str(TARGET / "model.safetensors"), metadata={"format": "pt"})
+        save_file(wide, str(TARGET / "model.tmp"), metadata={"format": "pt"})
+        (TARGET / "model.tmp").replace(TARGET / "model.safetensors")  # a killed call leaves no half-written file
     return TARGET
 '''
 

@@ -62,6 +62,19 @@ def test_rounds_must_be_positive(tmp_path):
     assert done.returncode == 2 and "--rounds must be at least 1" in done.stderr
 
 
+def _offline_main(bench, tmp_path, monkeypatch, fake_bench, *argv):
+    monkeypatch.setattr(bench, "bench", fake_bench)
+    monkeypatch.setattr(bench, "matmul_peak", lambda device: {"fp32": 0.2, "bf16": 0.4, "bf16_head": 0.3})
+    monkeypatch.setattr(bench, "wait_until_idle", lambda: 0.0)
+    monkeypatch.setattr(bench, "OUT", tmp_path)
+    monkeypatch.setattr(bench, "DATA", tmp_path)
+    monkeypatch.setattr(sys, "argv", ["bench.py", *argv])
+    bench.main()
+
+
+ROW = {"llmkit": {"samples_per_s": 200.0, "tokens_per_s": None, "first_step_s": 9.0, "peak_rss_mb": 1.0}}
+
+
 def test_a_failed_workload_costs_its_own_row_and_each_workload_is_written_as_it_ends(tmp_path, monkeypatch):
     """A GPU lease is short: one workload's failure must not lose the others, nor a run cut short what it measured."""
     import json
@@ -74,25 +87,72 @@ def test_a_failed_workload_costs_its_own_row_and_each_workload_is_written_as_it_
     def fake_bench(name, w, a):
         if name == "ner":
             raise bench.RunFailed("llmkit run failed (1): ModuleNotFoundError: No module named 'seqeval'\ntraceback")
-        so_far = tmp_path / "results-classification-ner-mlm.json"
+        if name == "clm":
+            raise OSError("No space left on device")
+        so_far = tmp_path / "results-classification-ner-clm-mlm.json"
         written.append(json.loads(so_far.read_text()) if so_far.exists() else None)
-        return {"llmkit": {"samples_per_s": 200.0, "tokens_per_s": None, "first_step_s": 9.0, "peak_rss_mb": 1.0}}
+        return ROW
 
-    monkeypatch.setattr(bench, "bench", fake_bench)
-    monkeypatch.setattr(bench, "matmul_peak", lambda device: {"fp32": 0.2, "bf16": 0.4, "bf16_head": 0.3})
-    monkeypatch.setattr(bench, "wait_until_idle", lambda: 0.0)
-    monkeypatch.setattr(bench, "OUT", tmp_path)
-    monkeypatch.setattr(bench, "DATA", tmp_path)
-    monkeypatch.setattr(sys, "argv", ["bench.py", "classification", "ner", "mlm"])
-    with pytest.raises(SystemExit, match=r"^\[bench\] failed: ner$"):
-        bench.main()
-    assert written[0] is None  # mlm began with classification's row and ner's failure on disk
-    assert set(written[1]["workloads"]) == {"classification"} and set(written[1]["failed"]) == {"ner"}
-    results = json.loads((tmp_path / "results-classification-ner-mlm.json").read_text())
+    with pytest.raises(SystemExit, match=r"^\[bench\] failed: ner, clm$"):
+        _offline_main(bench, tmp_path, monkeypatch, fake_bench, "classification", "ner", "clm", "mlm")
+    assert written[0] is None  # classification began with nothing on disk
+    # mlm began with classification's row and the two failures on disk
+    assert set(written[1]["workloads"]) == {"classification"} and set(written[1]["failed"]) == {"ner", "clm"}
+    results = json.loads((tmp_path / "results-classification-ner-clm-mlm.json").read_text())
     assert set(results["workloads"]) == {"classification", "mlm"}
-    assert results["failed"] == {"ner": "llmkit run failed (1): ModuleNotFoundError: No module named 'seqeval'"}
-    md = (tmp_path / "results-classification-ner-mlm.md").read_text()
+    assert results["failed"] == {
+        "ner": "llmkit run failed (1): ModuleNotFoundError: No module named 'seqeval'",
+        "clm": "OSError: No space left on device",
+    }
+    md = (tmp_path / "results-classification-ner-clm-mlm.md").read_text()
     assert "ner: failed (llmkit run failed (1): ModuleNotFoundError: No module named 'seqeval')." in md
+    assert not list(tmp_path.glob("*.tmp"))  # each file written whole, then renamed
+
+
+def test_llmkit_overrides_write_beside_the_plain_results(tmp_path, monkeypatch):
+    import json
+
+    bench = _bench_module()
+    _offline_main(bench, tmp_path, monkeypatch, lambda *_: ROW, "mlm", "--llmkit-set", "model.skip_positions=false")
+    results = json.loads((tmp_path / "results-mlm-model.skip_positions_false.json").read_text())
+    assert results["llmkit_set"] == ["model.skip_positions=false"]
+    assert not (tmp_path / "results-mlm.json").exists()
+
+
+def test_a_failed_run_is_named_by_its_last_line_of_stderr(monkeypatch):
+    import pytest
+
+    bench = _bench_module()
+    done = subprocess.CompletedProcess([], 1, stdout="", stderr="Traceback ...\nValueError: bad column 'txt'\n")
+    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: done)
+    monkeypatch.setattr(bench, "wait_until_idle", lambda: 0.0)
+    with pytest.raises(bench.RunFailed, match=r"^llmkit run failed \(1\): ValueError: bad column 'txt'\n"):
+        bench.one_run("llmkit", {})
+
+
+def test_a_gpu_run_never_waits_for_idle_host_cores(monkeypatch):
+    bench = _bench_module()
+    monkeypatch.setattr(bench, "busy_cpus", lambda: 5.0)
+    slept = []
+    monkeypatch.setattr(bench.time, "sleep", slept.append)
+    monkeypatch.setenv("LLMKIT_BENCH_GPU", "1")
+    assert bench.wait_until_idle() == 5.0 and slept == []
+    monkeypatch.delenv("LLMKIT_BENCH_GPU")
+    assert bench.wait_until_idle(limit_s=0.05) == 5.0 and slept  # a CPU run waits (here: up to 50 ms)
+
+
+def test_gpu_script_passes_options_through_and_picks_the_default_workloads(tmp_path):
+    fake = tmp_path / "python"  # answers every check with success and prints the bench.py command it is given
+    fake.write_text('#!/bin/sh\n[ "$1" = -c ] && exit 0\necho "$@"\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PY": str(fake), "LLMKIT_BENCH_DATA": str(tmp_path)}
+    run = lambda *args: subprocess.run(["bash", "benchmarks/gpu.sh", *args], cwd=ROOT, env=env, capture_output=True,  # noqa: E731
+                                       text=True, timeout=60).stdout.strip().splitlines()[-1]  # fmt: skip
+    base = "benchmarks/bench.py --gpu --batch 128 --steps 30 --warmup 5 --references tuned"
+    assert run() == f"{base} mlm clm sst2-minilm wnut-minilm"
+    assert run("ner", "--llmkit-set", "model.skip_positions=false", "--rounds=2") == (
+        f"{base} --llmkit-set model.skip_positions=false --rounds=2 ner"
+    )
 
 
 def test_table_names_each_runs_page_faults_per_step():
