@@ -286,7 +286,49 @@ def row_number(ds: Dataset, position: int) -> int:
 
 def row_numbers(ds: Dataset) -> list[int]:
     """The source row numbers (1-based) of every row of a split, in order."""
-    return ds[ROW] if ROW in ds.column_names else list(range(1, len(ds) + 1))
+    return column_values(ds, ROW) if ROW in ds.column_names else list(range(1, len(ds) + 1))
+
+
+def column_values(ds: Dataset, name: str) -> list:
+    """A column's values as a list, read at once: datasets 5's `ds[name]` is a lazy column that iterates (and
+    indexes) row by row, 0.61 s for SST-2's 67,349 labels against 0.002 s for the slice."""
+    return ds[name][:]
+
+
+def token_counts(ds: Dataset, column: str = "input_ids") -> list[int] | None:
+    """Each row's length of a list column, read by Arrow in one pass (respecting a selection or shuffle), or None
+    where the column is missing or not a list."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if column not in (ds.column_names or []):
+        return None
+    values = ds.with_format("arrow")[:][column]
+    if not pa.types.is_list(values.type) and not pa.types.is_large_list(values.type):
+        return None
+    return pc.list_value_length(values).to_pylist()
+
+
+class GroupsByLengthFast:
+    """Trainer mixin: `train_sampling_strategy: group_by_length` with each row's token count read by Arrow in one
+    pass; the Trainer's own sampler reads every row in Python to measure it (0.8 s for 20,000 SST-2 rows, growing
+    with the data). The same LengthGroupedSampler, so the same batches; anything else goes to the Trainer."""
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        from datasets import Dataset as ArrowDataset
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        data = self.train_dataset if train_dataset is None else train_dataset
+        args = self.args
+        if args.train_sampling_strategy != "group_by_length" or not isinstance(data, ArrowDataset):
+            return super()._get_train_sampler(train_dataset)
+        names = getattr(self.processing_class, "model_input_names", None) or ["input_ids"]
+        if args.length_column_name in data.column_names:
+            return super()._get_train_sampler(train_dataset)
+        lengths = token_counts(data, names[0])
+        if lengths is None:
+            return super()._get_train_sampler(train_dataset)
+        return LengthGroupedSampler(args.train_batch_size * args.gradient_accumulation_steps, lengths=lengths)
 
 
 def columns_of(ds: Any) -> list[str]:

@@ -12,7 +12,7 @@ from llmkit import distill, fused, gpu, modeling, onnxrt, preflight, prepared, r
 from llmkit.checkpoints import drop_pickled_args, last_checkpoint, saving, trainer_with_atomic_checkpoints
 from llmkit.clipping import SkipsUnitClip
 from llmkit.config import resolve
-from llmkit.data import is_stream
+from llmkit.data import GroupsByLengthFast, is_stream
 from llmkit.errors import Interrupted, RecipeError
 from llmkit.files import write_json
 from llmkit.hf import global_batch_size
@@ -233,7 +233,8 @@ def trainer_class(task: Task) -> type:
 
     base = trainer_with_atomic_checkpoints(transformers.Seq2SeqTrainer if task.seq2seq else transformers.Trainer)
     # FSDP on CPU, a copy on each node, a stream's position in each checkpoint
-    base = type(base.__name__, (ShardsOnCpu, SavesOnEachNode, streams.ResumesStreams, SkipsUnitClip, base), {})
+    mixins = (ShardsOnCpu, SavesOnEachNode, streams.ResumesStreams, SkipsUnitClip, GroupsByLengthFast)
+    base = type(base.__name__, (*mixins, base), {})
     if task.compute_loss is None:
         return base
     hook = task.compute_loss

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmkit import unpad
-from llmkit.data import require_columns, row_numbers, split_origin
+from llmkit.data import column_values, require_columns, row_numbers, split_origin
 from llmkit.errors import DataError, RecipeError
 from llmkit.rows import LABEL, PAIR, TEXT, tokenize_splits
 from llmkit.tasks._labels import feature_names, label_config, resolve_labels
@@ -43,7 +43,7 @@ def _labels(recipe: Any, ds: Any) -> list[str]:
         require_columns(
             data, {"text": text, **({"text_pair": pair} if pair else {}), "label": label}, split_origin(recipe, split)
         )
-        column, rows = data[label], row_numbers(data)
+        column, rows = column_values(data, label), row_numbers(data)
         if _multi(recipe):
             bad = next((i for i, v in enumerate(column) if not isinstance(v, list)), None)
             if bad is not None:

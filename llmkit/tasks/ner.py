@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmkit import unpad
-from llmkit.data import require_columns, row_numbers, split_origin
+from llmkit.data import column_values, require_columns, row_numbers, split_origin
 from llmkit.errors import DataError
 from llmkit.rows import TAGS, WORDS, tokenize_splits
 from llmkit.tasks._labels import feature_names, label_config, resolve_labels
@@ -35,7 +35,7 @@ def _labels(recipe: Any, ds: Any) -> list[str]:
     values = {}
     for split, data in ds.items():
         require_columns(data, {"tokens": tokens, "tags": tags}, split_origin(recipe, split))
-        column, rows = data[tags], row_numbers(data)
+        column, rows = column_values(data, tags), row_numbers(data)
         odd = next((i for i, row in enumerate(column) if row is not None and not isinstance(row, list)), None)
         if odd is not None:
             raise DataError(

@@ -98,3 +98,53 @@ def test_a_prepared_folder_is_not_also_streamed(write):
     with pytest.raises(RecipeError, match="drop data.streaming"):
         _recipe(write, "{prepared: somewhere, streaming: true}")
     assert _recipe(write, "{prepared: somewhere}").data.prepared == "somewhere"  # no other data needed
+
+
+def test_column_values_and_token_counts_read_columns_at_once_through_a_selection():
+    from datasets import Dataset
+
+    from llmkit.data import column_values, token_counts
+
+    ds = Dataset.from_dict({"label": ["a", "b", "c", "d", "e"], "input_ids": [[1], [1, 2, 3], [], [4, 5], [6] * 7]})
+    picked = ds.select([4, 0, 3])  # an indices mapping, as a shuffle or data.max_train_samples leaves
+    assert column_values(picked, "label") == ["e", "a", "d"] == list(picked["label"])
+    assert token_counts(picked) == [7, 1, 2] and token_counts(ds) == [1, 3, 0, 2, 7]
+    assert token_counts(ds, "label") is None and token_counts(ds, "nope") is None
+
+
+@pytest.mark.parametrize("select", [False, True])
+def test_fast_length_grouping_samples_what_the_trainers_own_sampler_samples(tmp_path, select):
+    import random
+
+    import torch
+    import transformers
+    from datasets import Dataset
+
+    from llmkit.data import GroupsByLengthFast
+
+    rng = random.Random(0)
+    ds = Dataset.from_dict({"input_ids": [[7] * rng.randint(1, 60) for _ in range(300)], "labels": [0] * 300})
+    if select:
+        ds = ds.shuffle(seed=3).select(range(200))
+
+    class Plain:
+        _get_train_sampler = transformers.Trainer._get_train_sampler
+
+        def __init__(self, strategy):
+            self.train_dataset, self.processing_class = ds, None
+            self.args = transformers.TrainingArguments(
+                output_dir=str(tmp_path), per_device_train_batch_size=8, gradient_accumulation_steps=2,
+                train_sampling_strategy=strategy, use_cpu=True, report_to="none",
+            )  # fmt: skip
+
+    class Fast(GroupsByLengthFast, Plain):
+        pass
+
+    ours, theirs = Fast("group_by_length")._get_train_sampler(), Plain("group_by_length")._get_train_sampler()
+    assert ours.lengths == theirs.lengths and type(ours) is type(theirs)
+    torch.manual_seed(5)
+    first = list(ours)
+    torch.manual_seed(5)
+    assert first == list(theirs) and sorted(first) == list(range(len(ds)))
+    plain = Fast("random")._get_train_sampler()  # any other strategy: the Trainer's own
+    assert type(plain) is type(Plain("random")._get_train_sampler())
