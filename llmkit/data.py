@@ -295,9 +295,9 @@ def column_values(ds: Dataset, name: str) -> list:
     return ds[name][:]
 
 
-def token_counts(ds: Dataset, column: str = "input_ids") -> list[int] | None:
-    """Each row's length of a list column, read by Arrow in one pass (respecting a selection or shuffle), or None
-    where the column is missing or not a list."""
+def token_lengths(ds: Dataset, column: str = "input_ids") -> Any:
+    """Each row's length of a list column as an Arrow array, read in one pass (respecting a selection or shuffle),
+    or None where the column is missing or not a list."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -306,7 +306,7 @@ def token_counts(ds: Dataset, column: str = "input_ids") -> list[int] | None:
     values = ds.with_format("arrow")[:][column]
     if not pa.types.is_list(values.type) and not pa.types.is_large_list(values.type):
         return None
-    return pc.list_value_length(values).to_pylist()
+    return pc.list_value_length(values)
 
 
 class GroupsByLengthFast:
@@ -322,13 +322,14 @@ class GroupsByLengthFast:
         args = self.args
         if args.train_sampling_strategy != "group_by_length" or not isinstance(data, ArrowDataset):
             return super()._get_train_sampler(train_dataset)
-        names = getattr(self.processing_class, "model_input_names", None) or ["input_ids"]
         if args.length_column_name in data.column_names:
             return super()._get_train_sampler(train_dataset)
-        lengths = token_counts(data, names[0])
+        names = getattr(self.processing_class, "model_input_names", None) or ["input_ids"]
+        lengths = token_lengths(data, names[0])
         if lengths is None:
             return super()._get_train_sampler(train_dataset)
-        return LengthGroupedSampler(args.train_batch_size * args.gradient_accumulation_steps, lengths=lengths)
+        batch = args.train_batch_size * args.gradient_accumulation_steps
+        return LengthGroupedSampler(batch, lengths=lengths.to_pylist())
 
 
 def columns_of(ds: Any) -> list[str]:

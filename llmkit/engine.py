@@ -12,7 +12,7 @@ from llmkit import distill, fused, gpu, modeling, onnxrt, preflight, prepared, r
 from llmkit.checkpoints import drop_pickled_args, last_checkpoint, saving, trainer_with_atomic_checkpoints
 from llmkit.clipping import SkipsUnitClip
 from llmkit.config import resolve
-from llmkit.data import GroupsByLengthFast, is_stream
+from llmkit.data import GroupsByLengthFast, is_stream, token_lengths
 from llmkit.errors import Interrupted, RecipeError
 from llmkit.files import write_json
 from llmkit.hf import global_batch_size
@@ -321,10 +321,8 @@ def mean_tokens(ds: Any) -> float | None:
     """Tokens per sample of a tokenized split (input_ids without padding; exact for packed blocks)."""
     import pyarrow.compute as pc
 
-    if "input_ids" not in ds.column_names or len(ds) == 0:
-        return None
-    lengths = pc.list_value_length(ds.with_format("arrow")[:]["input_ids"])
-    return float(pc.mean(lengths).as_py())
+    lengths = token_lengths(ds) if len(ds) else None
+    return None if lengths is None else float(pc.mean(lengths).as_py())
 
 
 def _start_run_folder(trainer: Any, recipe: Recipe, report: dict) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmkit import __version__
-from llmkit.data import evaluates
+from llmkit.data import evaluates, token_lengths
 from llmkit.errors import DataError, LlmkitError
 from llmkit.files import atomic_write, write_json
 from llmkit.recipefile import dump_yaml
@@ -168,7 +168,7 @@ def verify(path: Path) -> tuple[list[str], str | None]:
         if split not in data:
             problems.append(f"split {split} is missing")
             continue
-        lengths = pc.list_value_length(data[split].with_format("arrow")[:]["input_ids"])
+        lengths = token_lengths(data[split])
         bounds = pc.min_max(lengths).as_py() if len(data[split]) else {"min": None, "max": None}
         ok = len(data[split]) == facts["blocks"] and bounds["min"] == bounds["max"] == manifest["block_size"]
         lines.append(

@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from llmkit.data import column_values
 from llmkit.rows import REFERENCES, TARGET, TEXT, tokenize_splits
 from llmkit.tasks.base import Role, Task
 
@@ -56,6 +57,13 @@ def _collator(recipe: Any, tokenizer: Any, model: Any) -> Any:
     return collate
 
 
+def _corpus(recipe: Any, train: Any) -> Any:
+    """The documents, then the summaries, read 1,000 rows at a time (a lazy column would read them one by one)."""
+    for column in _cols(recipe)[:2]:
+        for batch in train.iter(batch_size=1000):
+            yield from (t for t in batch[column] if isinstance(t, str))
+
+
 def _metrics(recipe: Any, tokenizer: Any, eval_ds: Any) -> tuple[Any, Any]:
     import numpy as np
 
@@ -63,7 +71,8 @@ def _metrics(recipe: Any, tokenizer: Any, eval_ds: Any) -> tuple[Any, Any]:
 
     module = load_metric("rouge")
     extra = extra_metrics(recipe.metrics)
-    references = eval_ds["references"] if eval_ds is not None and "references" in eval_ds.column_names else None
+    has = eval_ds is not None and "references" in eval_ds.column_names
+    references = column_values(eval_ds, "references") if has else None
 
     def compute(p: Any) -> dict:
         preds = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
@@ -126,7 +135,7 @@ TASK = Task(
     roles={"document": Role(TEXT, "document"), "summary": Role(TARGET, "summary"), "references": Role(REFERENCES)},
     preprocess=_preprocess,
     collator=_collator,
-    corpus=lambda recipe, train: (t for c in _cols(recipe)[:2] for t in train[c] if isinstance(t, str)),
+    corpus=_corpus,
     metrics=_metrics,
     predict=_predict,
     trainer_defaults={"predict_with_generate": True, "train_sampling_strategy": "group_by_length"},

@@ -100,16 +100,16 @@ def test_a_prepared_folder_is_not_also_streamed(write):
     assert _recipe(write, "{prepared: somewhere}").data.prepared == "somewhere"  # no other data needed
 
 
-def test_column_values_and_token_counts_read_columns_at_once_through_a_selection():
+def test_column_values_and_token_lengths_read_columns_at_once_through_a_selection():
     from datasets import Dataset
 
-    from llmkit.data import column_values, token_counts
+    from llmkit.data import column_values, token_lengths
 
     ds = Dataset.from_dict({"label": ["a", "b", "c", "d", "e"], "input_ids": [[1], [1, 2, 3], [], [4, 5], [6] * 7]})
     picked = ds.select([4, 0, 3])  # an indices mapping, as a shuffle or data.max_train_samples leaves
     assert column_values(picked, "label") == ["e", "a", "d"] == list(picked["label"])
-    assert token_counts(picked) == [7, 1, 2] and token_counts(ds) == [1, 3, 0, 2, 7]
-    assert token_counts(ds, "label") is None and token_counts(ds, "nope") is None
+    assert token_lengths(picked).to_pylist() == [7, 1, 2] and token_lengths(ds).to_pylist() == [1, 3, 0, 2, 7]
+    assert token_lengths(ds, "label") is None and token_lengths(ds, "nope") is None
 
 
 @pytest.mark.parametrize("select", [False, True])

@@ -210,6 +210,16 @@ def test_summarization_multi_reference_and_bad_rows(tokenizer):
     assert out[0]["labels"] == tokenizer(text_target="Peter lives.")["input_ids"]
 
 
+def test_summarization_tokenizer_corpus_is_the_documents_then_the_summaries():
+    recipe = _recipe("summarization", columns={"document": "doc"})
+    rows = 2500  # across 1,000-row batches
+    ds = Dataset.from_dict(
+        {"doc": [f"d{i}" for i in range(rows)], "summary": [None if i == 3 else f"s{i}" for i in range(rows)]}
+    )
+    corpus = list(get_task("summarization").corpus(recipe, ds))
+    assert corpus == [f"d{i}" for i in range(rows)] + [f"s{i}" for i in range(rows) if i != 3]
+
+
 def test_lead_sentence():
     assert lead_sentence("We study X. Then we show Y.") == "We study X."
 
