@@ -44,8 +44,17 @@ def test_torchrun_two_processes_matches_single_process_eval(tmp_path, monkeypatc
     monkeypatch.chdir(ROOT)
     single = engine.evaluate(rundir.recipe_for_evaluation(out, []), "validation")
     assert single["samples"] == 23
-    for key in ("eval_f1", "eval_precision", "eval_recall", "eval_token_accuracy"):
-        assert single[key] == pytest.approx(summary["final_metrics"][key], abs=1e-9), key
+    # Every one of the 133 words of the first 23 validation sentences scored once, on both sides: a dropped sample or
+    # one duplicated by the gather's padding (the 23rd, 6 words) would put another denominator under the accuracy.
+    words = 133
+    gathered = summary["final_metrics"]["eval_token_accuracy"] * words
+    alone = single["eval_token_accuracy"] * words
+    assert gathered == pytest.approx(round(gathered), abs=1e-6) and alone == pytest.approx(round(alone), abs=1e-6)
+    # The same predictions but for a near-tie or two: bf16 autocast at other batch shapes can flip a word of this
+    # barely trained model (CI saw one word of 133 flip), so not to the bit.
+    assert abs(round(gathered) - round(alone)) <= 2
+    for key in ("eval_f1", "eval_precision", "eval_recall"):
+        assert single[key] == pytest.approx(summary["final_metrics"][key], abs=0.1), key
     # The loss too (batches differ, so not to the bit): BERT's mean loss used to come out x world size.
     assert single["eval_loss"] == pytest.approx(summary["final_metrics"]["eval_loss"], rel=0.05)
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
