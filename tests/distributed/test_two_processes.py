@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, agree_but_for_near_ties
 
 from llmkit import engine, rundir
 
@@ -44,15 +44,9 @@ def test_torchrun_two_processes_matches_single_process_eval(tmp_path, monkeypatc
     monkeypatch.chdir(ROOT)
     single = engine.evaluate(rundir.recipe_for_evaluation(out, []), "validation")
     assert single["samples"] == 23
-    # Every one of the 133 words of the first 23 validation sentences scored once, on both sides: a dropped sample or
-    # one duplicated by the gather's padding (the 23rd, 6 words) would put another denominator under the accuracy.
-    words = 133
-    gathered = summary["final_metrics"]["eval_token_accuracy"] * words
-    alone = single["eval_token_accuracy"] * words
-    assert gathered == pytest.approx(round(gathered), abs=1e-6) and alone == pytest.approx(round(alone), abs=1e-6)
-    # The same predictions but for a near-tie or two: bf16 autocast at other batch shapes can flip a word of this
-    # barely trained model (CI saw one word of 133 flip), so not to the bit.
-    assert abs(round(gathered) - round(alone)) <= 2
+    # Each of the 133 words of the first 23 validation sentences scored once on both sides (a sample the gather
+    # duplicated, the 23rd's 6 words, would make it 139), the same predictions but for near ties.
+    agree_but_for_near_ties(summary["final_metrics"]["eval_token_accuracy"], single["eval_token_accuracy"], 133)
     for key in ("eval_f1", "eval_precision", "eval_recall"):
         assert single[key] == pytest.approx(summary["final_metrics"][key], abs=0.1), key
     # The loss too (batches differ, so not to the bit): BERT's mean loss used to come out x world size.
@@ -215,4 +209,5 @@ def test_torchrun_two_processes_distil_from_a_teacher(tmp_path, monkeypatch):
     assert proc.stdout.count("Done in") == 1 and proc.stdout.count("distilled from") == 1
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 1
     single = engine.evaluate(rundir.recipe_for_evaluation(out, []), "validation")
-    assert single["eval_accuracy"] == pytest.approx(summary["final_metrics"]["eval_accuracy"], abs=1e-9)
+    assert single["samples"] == 24
+    agree_but_for_near_ties(summary["final_metrics"]["eval_accuracy"], single["eval_accuracy"], 24)
