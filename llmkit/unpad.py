@@ -23,8 +23,6 @@ nothing labelled, every real position is computed.
 
 from __future__ import annotations
 
-import sys
-import types
 from typing import Any
 
 # Encoders whose layers are BERT's: layer.attention.output(context, residual) then the feed-forward block.
@@ -32,16 +30,13 @@ ENCODERS = {"bert", "roberta", "xlm-roberta", "camembert", "electra"}
 
 
 class _RealTokens:
-    """One model's current batch, kept until its next forward (gradient checkpointing runs layers again in the
-    backward pass, which must pack as the forward did)."""
+    """One model's current batch: the flat indices of its real positions (None: no padding) and its shape."""
 
-    packed: bool = False  # the encoder runs packed for this batch
-    index: Any = None  # the flat [rows x width] positions packed (real tokens, rounded); None: all, a free view
-    shape: tuple = ()  # (rows, width)
-    tokens: int = 0  # positions packed
-    subset: Any = None  # the last layer's positions after attention, in packed coordinates; None: all
-    out: Any = None  # where the last layer's rows go in the padded output; None: as packed
+    index: Any = None
+    shape: tuple = ()
+    last: tuple = ()  # (padded tensor, index, its gathered tokens): the last three gathered
     labels: Any = None  # the labels the model was called with (a token classifier's, read before the encoder)
+    labelled: Any = None  # the flat indices of the labelled positions, where the last layer runs on them alone
 
 
 def positions_skipped(recipe: Any) -> bool:
@@ -91,40 +86,50 @@ TOKEN_HEADS = {
 
 
 def skip_padding(model: Any, labelled_last_layer: bool = False) -> bool:
-    """Run a BERT-family encoder packed (not decoders, cross-attention or a chunked feed-forward). A last layer
-    whose attention output runs at the first token only (classification's hook) gets each row's first real token
-    when packed; with `labelled_last_layer` a token classifier's last layer runs at the labelled positions when
+    """Install the hooks on a BERT-family encoder (not decoders, cross-attention or a chunked feed-forward).
+    A layer whose attention output already runs at the first token only (classification's last layer) is left
+    to that hook; with `labelled_last_layer` a token classifier's last layer runs at the labelled positions when
     the batch has labels. Returns whether it applies; a second call installs nothing more."""
     found = encoder_layers(model)
     if found is None or getattr(found[0].config, "model_type", None) not in ENCODERS:
         return False
-    top, encoder_model, layers = found
-    attentions = [getattr(getattr(layer, "attention", None), "self", None) for layer in layers]
-    eager = getattr(sys.modules.get(type(attentions[0]).__module__), "eager_attention_forward", None)
-    block = getattr(getattr(layers[-1], "attention", None), "output", None)
-    if eager is None or block is None or not all(_packable(a) for a in attentions):
+    _, encoder_model, layers = found
+    blocks = [getattr(getattr(layer, "attention", None), "output", None) for layer in layers]
+    if any(b is None for b in blocks):
         return False
     if getattr(encoder_model, "_llmkit_skips_padding", False):
         return True
     batch = _RealTokens()
-    tokens_head = type(top).__name__ in TOKEN_HEADS
-    if labelled_last_layer and tokens_head:
-        top.register_forward_pre_hook(_label_reader(batch), with_kwargs=True)
-    encoder_model.register_forward_pre_hook(_reader(batch, block, tokens_head), with_kwargs=True)
-    encoder_model.encoder.register_forward_pre_hook(_pack_input(batch), with_kwargs=True)
-    encoder_model.encoder.register_forward_hook(_unpack_output(batch))
-    for attention in attentions:
-        attention._llmkit_batch, attention._llmkit_eager = batch, eager
-        attention.forward = types.MethodType(_packed_self_attention, attention)
-    block.register_forward_pre_hook(_last_layer_rows(batch), prepend=True)  # before a first-token hook
+    labelled = labelled_last_layer and type(found[0]).__name__ in TOKEN_HEADS
+    if labelled:
+        found[0].register_forward_pre_hook(_label_reader(batch), with_kwargs=True)
+    encoder_model.register_forward_pre_hook(_reader(batch), with_kwargs=True)
+
+    def real() -> Any:
+        return batch.index
+
+    def at_labels() -> Any:  # the last layer's query, attention output and feed-forward, where labels are known
+        return batch.index if batch.labelled is None else batch.labelled
+
+    for i, (layer, block) in enumerate(zip(layers, blocks, strict=True)):
+        rows = at_labels if labelled and i == len(layers) - 1 else real
+        # The gathered layer input is reused within one attention block only: under gradient checkpointing the
+        # block runs again in the backward pass, and must gather (and save for its backward) exactly as before.
+        layer.attention.register_forward_pre_hook(_forget(batch))
+        for j, projection in enumerate(_projections(layer)):  # query, key, value
+            projection.register_forward_pre_hook(_gather(batch, projection, rows if j == 0 else real))
+            projection.register_forward_hook(_scatter(batch, projection))
+        if not getattr(block, "_llmkit_first_token", False):
+            block.register_forward_pre_hook(_gather(batch, layer, rows))
+            layer.register_forward_hook(_scatter(batch, layer, ends_layer=True))
     encoder_model._llmkit_skips_padding = True
     return True
 
 
-def _packable(attention: Any) -> bool:
-    """A self-attention module as BERT's: query/key/value projections, heads, scaling, attention dropout."""
-    names = ("query", "key", "value", "num_attention_heads", "attention_head_size", "scaling", "dropout", "config")
-    return attention is not None and all(hasattr(attention, name) for name in names)
+def _projections(layer: Any) -> list:
+    attention = getattr(getattr(layer, "attention", None), "self", None)
+    found = [getattr(attention, name, None) for name in ("query", "key", "value")]
+    return found if all(p is not None for p in found) else []
 
 
 def _label_reader(batch: _RealTokens) -> Any:
@@ -134,44 +139,27 @@ def _label_reader(batch: _RealTokens) -> Any:
     return read_labels
 
 
-def _reader(batch: _RealTokens, block: Any, tokens_head: bool) -> Any:
-    import torch
-
+def _reader(batch: _RealTokens) -> Any:
     def read_mask(module: Any, args: tuple, kwargs: dict) -> None:
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         labels, batch.labels = batch.labels, None
-        batch.packed, batch.index, batch.subset, batch.out = False, None, None, None
-        config = module.config
-        recorded = ("output_hidden_states", "output_attentions")  # recorded per layer: they would come out packed
-        if any(kwargs.get(name, getattr(config, name, False)) for name in recorded):
-            return
+        batch.index, batch.last, batch.labelled = None, (), None
         if mask is None or getattr(mask, "dim", lambda: 0)() != 2:
             return
-        rows, width = batch.shape = tuple(mask.shape)
+        batch.shape = tuple(mask.shape)
+        if labels is not None and tuple(labels.shape) == batch.shape:
+            batch.labelled = _rows(labels.reshape(-1).ne(-100))
         real = mask.reshape(-1).ne(0)
-        # A sequence head reads position 0, padding in the short rows of a left-padded batch: left alone.
-        if not tokens_head and not bool(mask[:, 0].ne(0).all()):
+        # Right padding only: with left padding position 0 (a classifier's token) is padding in the short rows.
+        if bool(real.all()) or not bool(mask[:, 0].ne(0).all()):
             return
-        batch.index = None if bool(real.all()) else _rows(real)
-        first_token = getattr(block, "_llmkit_first_token", False)
-        labelled = labels is not None and tuple(labels.shape) == batch.shape
-        if batch.index is None and not labelled:
-            return  # no padding to skip (a first-token hook works on the padded layout)
-        batch.packed, batch.tokens = True, rows * width if batch.index is None else batch.index.numel()
-        if first_token:
-            starts = torch.arange(rows, device=mask.device) * width
-            batch.subset = starts if batch.index is None else torch.searchsorted(batch.index, starts)
-        elif labelled:
-            wanted = labels.reshape(-1).ne(-100)
-            batch.subset = _rows(wanted if batch.index is None else wanted[batch.index])
-            if batch.subset is not None:
-                batch.out = batch.subset if batch.index is None else batch.index[batch.subset]
+        batch.index = _rows(real)
 
     return read_mask
 
 
 def _rows(wanted: Any) -> Any:
-    """The indices to gather for a [positions] bool of those wanted: their count rounded up by positions not
+    """The flat indices to gather for a [positions] bool of those wanted: their count rounded up by positions not
     wanted riding along (see packed_size); None where none are wanted or the rounding reaches every position."""
     count = int(wanted.sum())
     extra = packed_size(count) - count
@@ -182,7 +170,7 @@ def _rows(wanted: Any) -> Any:
 
 
 def packed_size(tokens: int) -> int:
-    """How many rows the packed tokens take: the count rounded up to 16 sizes per doubling (multiples of 8 at
+    """How many rows the gathered tokens take: the count rounded up to 16 sizes per doubling (multiples of 8 at
     least, so 470 -> 480, 1,000 -> 1,024), filled with padding positions, whose outputs no real position reads.
 
     Exactly the real tokens would give every batch matmuls of a shape never seen before: oneDNN JIT-compiles a
@@ -192,84 +180,48 @@ def packed_size(tokens: int) -> int:
     return -(-tokens // granule) * granule
 
 
-def _pack(batch: _RealTokens, a: Any) -> Any:
-    """[rows, width, ...] (or [rows x width, ...]) -> [1, tokens, d]."""
-    flat = a.reshape(batch.shape[0] * batch.shape[1], -1)
-    return (flat if batch.index is None else flat.index_select(0, batch.index)).unsqueeze(0)
+def _forget(batch: _RealTokens) -> Any:
+    def forget(module: Any, args: tuple) -> None:
+        batch.last = ()
+
+    return forget
 
 
-def _unpack(batch: _RealTokens, a: Any) -> Any:
-    """[1, tokens, d] -> [rows x width, d], zeros at the positions not packed."""
-    rows, width = batch.shape
-    if batch.index is None:
-        return a.squeeze(0)
-    return a.new_zeros(rows * width, a.shape[-1]).index_copy(0, batch.index, a.squeeze(0))
+def _pack(batch: _RealTokens, a: Any, index: Any) -> Any:
+    """[rows, width, d] -> [1, tokens, d]. A layer's input feeds four blocks (query, key, value and the residual
+    of the attention's output block): gathered once (twice in a labelled last layer: all real tokens for the keys
+    and values, the labelled ones for the rest)."""
+    for seen, at, packed in batch.last:
+        if seen is a and at is index:
+            return packed
+    packed = a.reshape(-1, a.shape[-1]).index_select(0, index).unsqueeze(0)
+    batch.last = ((a, index, packed), *batch.last[:2])  # the layer input stays while its context comes by
+    return packed
 
 
-def _pack_input(batch: _RealTokens) -> Any:
-    def pack(module: Any, args: tuple, kwargs: dict) -> Any:
-        hidden = args[0] if args else kwargs.get("hidden_states")
-        if not batch.packed or hidden is None or hidden.dim() != 3 or tuple(hidden.shape[:2]) != batch.shape:
-            batch.packed = False
+def _gather(batch: _RealTokens, owner: Any, rows: Any) -> Any:
+    def gather(module: Any, args: tuple) -> Any:
+        owner._llmkit_packed = index = rows()
+        if index is None or not args or any(a.dim() != 3 or a.shape[:2] != batch.shape for a in args):
+            owner._llmkit_packed = None
             return None
-        if args:
-            return (_pack(batch, hidden), *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": _pack(batch, hidden)}
+        return tuple(_pack(batch, a, index) for a in args)
 
-    return pack
+    return gather
 
 
-def _unpack_output(batch: _RealTokens) -> Any:
-    def unpack(module: Any, args: tuple, output: Any) -> Any:
-        hidden = getattr(output, "last_hidden_state", None)
-        if not batch.packed or hidden is None or hidden.shape[0] != 1:  # a first-token layer's [rows, 1, d]
+def _scatter(batch: _RealTokens, owner: Any, ends_layer: bool = False) -> Any:
+    import torch
+
+    def scatter(module: Any, args: tuple, output: Any) -> Any:
+        index = getattr(owner, "_llmkit_packed", None)
+        if index is None or not isinstance(output, torch.Tensor):
             return None
+        owner._llmkit_packed = None
+        if ends_layer:  # its gathered tensors are done with
+            batch.last = ()
         rows, width = batch.shape
-        where = batch.index if batch.out is None else batch.out
-        if where is None:
-            full = hidden.squeeze(0)
-        else:
-            full = hidden.new_zeros(rows * width, hidden.shape[-1]).index_copy(0, where, hidden.squeeze(0))
-        output.last_hidden_state = full.view(rows, width, -1)
-        return output
+        flat = output.new_zeros(rows * width, output.shape[-1])
+        return flat.index_copy(0, index, output[0]).view(rows, width, -1)
 
-    return unpack
-
-
-def _last_layer_rows(batch: _RealTokens) -> Any:
-    """The last layer's attention output block (context, residual) at its subset: the rows' first tokens as
-    [rows, 1, d] (what a first-token hook passes on), or the labelled positions as [1, labelled, d]."""
-
-    def last_layer_rows(module: Any, args: tuple) -> Any:
-        if not batch.packed or batch.subset is None or len(args) != 2:
-            return None
-        if any(a.dim() != 3 or tuple(a.shape[:2]) != (1, batch.tokens) for a in args):
-            return None
-        if batch.out is None:  # first tokens
-            return tuple(a.squeeze(0).index_select(0, batch.subset).unsqueeze(1) for a in args)
-        return tuple(a.index_select(1, batch.subset) for a in args)
-
-    return last_layer_rows
-
-
-def _packed_self_attention(self: Any, hidden_states: Any, attention_mask: Any = None, *args: Any, **kwargs: Any):
-    """BERT's self-attention on packed tokens: the projections at the packed tokens, their results scattered to
-    [rows, heads, width, head size] for the model's own attention function (eager or SDPA, with the padded
-    mask), its output gathered back. Anything else (a cache, padded input) goes to the model's own forward."""
-    batch = self._llmkit_batch
-    cached = kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
-    if not batch.packed or args or cached or tuple(hidden_states.shape[:2]) != (1, batch.tokens):
-        return type(self).forward(self, hidden_states, attention_mask, *args, **kwargs)
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}
-    rows, width = batch.shape
-    heads, size = self.num_attention_heads, self.attention_head_size
-    q, k, v = (
-        _unpack(batch, projection(hidden_states)).view(rows, width, heads, size).transpose(1, 2)
-        for projection in (self.query, self.key, self.value)
-    )
-    attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self._llmkit_eager)
-    dropout = self.dropout.p if self.training else 0.0
-    out, weights = attend(self, q, k, v, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs)
-    return _pack(batch, out), weights
+    return scatter

@@ -289,12 +289,8 @@ def test_skipping_padding_keeps_real_outputs_loss_and_gradients(head, kind, attn
     assert flops["fast"] < (0.92 if head == "tokens" else 0.98) * flops["full"], flops
     unpadded = dict(batch, attention_mask=torch.ones_like(mask))  # no padding: nothing gathered, same outputs
     assert torch.allclose(full(**unpadded).logits, fast(**unpadded).logits, atol=1e-5)
-    left = dict(batch, attention_mask=mask.flip(1))
-    if head == "sequence":  # left padding: position 0, what the head reads, is padding in short rows: left alone
-        assert torch.allclose(full(**left).logits, fast(**left).logits, atol=1e-5)
-    else:  # a token head's left-padded batch is packed too: the same at its real positions
-        left["labels"] = batch["labels"].flip(1)
-        assert _same_outputs_and_gradients(full, fast, left, mask.flip(1).bool())["fast"] < 0.92 * flops["full"]
+    left = dict(batch, attention_mask=mask.flip(1))  # left padding: position 0 is padding in short rows: left alone
+    assert torch.allclose(full(**left).logits, fast(**left).logits, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["bert", "roberta", "electra"])
