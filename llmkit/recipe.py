@@ -27,7 +27,8 @@ class ModelSection:
     trust_remote_code: bool = False
     attn_implementation: str | None = None  # eager | sdpa | flash_attention_2 | ...; None: transformers' choice
     fast_dropout: bool = True  # CPU training: dropout masks from 16 random bits (llmkit/fastdropout.py); false: torch's
-    skip_positions: bool = True  # compute only where the loss reads (unpad.py, mlm/classification heads); false: all
+    skip_positions: bool | None = None  # compute only where the loss reads (unpad.py, mlm/classification heads); unset:
+    # yes but on TPU (XLA: fixed shapes); false: every position
     quantization: dict | None = None  # transformers.BitsAndBytesConfig kwargs (QLoRA): needs CUDA + bitsandbytes
     from_teacher: FromTeacherSection | None = None  # the student: the teacher's architecture with some of its layers
 

@@ -40,11 +40,24 @@ class _RealTokens:
 
 
 def positions_skipped(recipe: Any) -> bool:
-    """`model.skip_positions` (default true): the tasks' hooks that compute only where the loss reads (padding
-    skipped here, MLM's head at masked positions, a classifier's last layer at its first token). False computes
-    every position, as transformers does: on a GPU that waits on the host, gathers with data-dependent shapes can
-    cost more than the arithmetic they save (README, On a CUDA GPU)."""
-    return getattr(getattr(recipe, "model", None), "skip_positions", True)
+    """`model.skip_positions`: the tasks' hooks that compute only where the loss reads (padding skipped here, MLM's
+    head at masked positions, a classifier's last layer at its first token). False computes every position, as
+    transformers does: on a GPU that waits on the host, gathers with data-dependent shapes can cost more than the
+    arithmetic they save (README, On a CUDA GPU). Unset: on, except for a run on a TPU (XLA), whose compiled graphs
+    want fixed shapes: every new gathered size there is a new compilation."""
+    value = getattr(getattr(recipe, "model", None), "skip_positions", None)
+    if value is not None:
+        return bool(value)
+    return not _on_xla(getattr(recipe, "args", None))
+
+
+def _on_xla(args: Any) -> bool:
+    """Whether this run trains on an XLA device (a TPU): torch_xla importable and not told to use the CPU."""
+    if args is not None and getattr(args, "use_cpu", False):
+        return False
+    from transformers.utils import is_torch_xla_available
+
+    return is_torch_xla_available()
 
 
 def wanted(recipe: Any) -> bool:

@@ -376,6 +376,23 @@ def test_skipping_padding_leaves_other_models_alone():
     assert skip_padding(model) and not last_layer_first_token_only(model)  # not both hooks on one block
 
 
+def test_positions_are_skipped_unless_told_or_on_a_tpu(monkeypatch):
+    """Unset, `model.skip_positions` is on, but for a run on XLA (a TPU): every new gathered size is a compilation."""
+    from types import SimpleNamespace as NS
+
+    import transformers.utils
+
+    from llmkit.unpad import positions_skipped
+
+    def recipe(value=None, use_cpu=False):
+        return NS(model=NS(skip_positions=value), args=NS(use_cpu=use_cpu))
+
+    assert positions_skipped(recipe()) and not positions_skipped(recipe(False))
+    monkeypatch.setattr(transformers.utils, "is_torch_xla_available", lambda: True)
+    assert not positions_skipped(recipe()) and not positions_skipped(NS(model=NS(skip_positions=None), args=None))
+    assert positions_skipped(recipe(True)) and positions_skipped(recipe(use_cpu=True))  # named, or on the CPU
+
+
 @pytest.mark.parametrize("task_name", ["ner", "classification"])
 def test_tasks_skip_padding_unless_the_hidden_loss_or_compile_needs_every_position(task_name):
     from types import SimpleNamespace as NS
