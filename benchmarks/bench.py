@@ -394,6 +394,12 @@ def table(results: dict, peak: dict) -> str:
         faults = [f"{run} {r['page_faults_per_step']:,}" for run, r in runs.items() if "page_faults_per_step" in r]
         if faults:
             rows += ["", f"{name}, minor page faults in a timed step (median): {'; '.join(faults)}."]
+        gaps = [
+            f"{run} {r['between_steps_ms']:.1f}" for run, r in runs.items() if r.get("between_steps_ms") is not None
+        ]
+        if gaps:
+            between = "ms from one timed step's end to the next one's begin (median: batch, callbacks, logging)"
+            rows += ["", f"{name}, {between}: {'; '.join(gaps)}."]
     for name, runs in results["workloads"].items():
         if "student_plain" in runs:
             cost = runs["student_plain"]["samples_per_s"] / runs["student_distill"]["samples_per_s"]

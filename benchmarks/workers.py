@@ -53,8 +53,10 @@ def timer(warmup: int):
             self.ends: list[float] = []
             self.tokens: list[int] = []
             self.faults: list[int] = []  # the process's minor page faults so far, at each step's end
+            self.begins: list[float] = []  # each step's begin: the time between steps is the Trainer's own
 
         def on_step_begin(self, args, state, control, **kw):
+            self.begins.append(time.perf_counter())
             if len(self.ends) == 1:  # steps 2 and 3 (warm-up): the matmul FLOPs the step really executes
                 from torch.utils.flop_counter import FlopCounterMode
 
@@ -96,6 +98,8 @@ def timer(warmup: int):
             median = durations[len(durations) // 2]
             tokens_per_step = (self.tokens[-1] - self.tokens[warmup]) / n
             faults = per_step(self.faults)
+            # from one timed step's end to the next one's begin: the batch fetched and collated, callbacks, logging
+            gaps = sorted(b - e for e, b in zip(self.ends[warmup:-1], self.begins[warmup + 1 :], strict=False))
             return {
                 "measured_steps": n,
                 "samples_per_s": samples_per_step / median,
@@ -106,6 +110,7 @@ def timer(warmup: int):
                 # fresh pages the kernel had to map in a timed step (median): a heap still growing, or a block above
                 # glibc's mmap threshold allocated and returned every step
                 "page_faults_per_step": faults[len(faults) // 2],
+                "between_steps_ms": 1000 * gaps[len(gaps) // 2] if gaps else None,
             }
 
     assert warmup >= 3, "steps 2 and 3 count FLOPs: they must be warm-up steps"

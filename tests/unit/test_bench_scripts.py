@@ -157,16 +157,20 @@ def test_gpu_script_passes_options_through_and_picks_the_default_workloads(tmp_p
 
 def test_table_names_each_runs_page_faults_per_step():
     bench = _bench_module()
-    run = lambda sps, faults: {  # noqa: E731
+    run = lambda sps, faults, gap=None: {  # noqa: E731
         "samples_per_s": sps, "tokens_per_s": None, "first_step_s": 9.0, "peak_rss_mb": 1000.0,
         **({"page_faults_per_step": faults} if faults is not None else {}),
+        **({"between_steps_ms": gap} if gap is not None else {}),
     }  # fmt: skip
-    runs = {"llmkit": run(200.0, 37), "reference_tuned": run(150.0, 11446)}
+    runs = {"llmkit": run(200.0, 37, 1.24), "reference_tuned": run(150.0, 11446, 1.31)}
     results = {"workloads": {"sst2-minilm": runs, "old": {"llmkit": run(1.0, None)}}}
     results.update(steps=40, warmup=80, batch=32, device="a CPU")
     text = bench.table(results, {"fp32": 0.2, "bf16": 0.4, "bf16_head": 0.3})
     assert "sst2-minilm, minor page faults in a timed step (median): llmkit 37; reference_tuned 11,446." in text
     assert "old, minor page faults" not in text  # results from before the column: no line
+    between = "ms from one timed step's end to the next one's begin (median: batch, callbacks, logging)"
+    assert f"sst2-minilm, {between}: llmkit 1.2; reference_tuned 1.3." in text
+    assert "old, ms from" not in text
     assert "| sst2-minilm | - | - | 1.33x |" in text
     assert "llmkit's runs with" not in text
     results["llmkit_set"] = ["model.skip_positions=false"]
@@ -217,3 +221,17 @@ def test_step_loop_batches_label_first_pieces_and_group_by_token_count(tmp_path,
     assert sorted(r for b in grouped for r in b["attention_mask"].sum(1).tolist()) == sorted(
         r for b in random_batches for r in b["attention_mask"].sum(1).tolist()
     )  # the same rows
+
+
+def test_the_step_timer_reports_the_time_between_steps():
+    """workers.py: the median gap from a timed step's end to the next one's begin (the Trainer's own time)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("workers", ROOT / "benchmarks" / "workers.py")
+    workers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(workers)
+    timer = workers.timer(3)
+    timer.begins = [0.0, 1.0, 2.0, 3.0, 4.002, 5.001, 6.003, 7.004]  # each step's begin
+    timer.ends = [0.9, 1.9, 2.9, 4.0, 5.0, 6.0, 7.0, 8.0]  # and end: gaps 2, 1, 3, 4 ms after the warm-up
+    timer.tokens, timer.faults, timer.first_step = list(range(8)), [0] * 8, 0.0
+    assert round(timer.result(32)["between_steps_ms"], 6) == 3.0  # the median of 1, 2, 3, 4 ms (upper)
