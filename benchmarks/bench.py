@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from llmkit.files import atomic_write
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("LLMKIT_BENCH_DATA", ROOT.parent / "shared" / "data"))
 OUT = ROOT / "benchmarks" / "out"
@@ -424,13 +426,6 @@ def table(results: dict, peak: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
-def _write(path: Path, text: str) -> None:
-    """Whole or not at all: a run killed while writing leaves the last complete file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("workloads", nargs="*", help=f"some of: {' '.join(WORKLOADS)} (default: all)")
@@ -484,8 +479,8 @@ def main() -> None:
             results["failed"][name] = first if isinstance(e, RunFailed) else f"{type(e).__name__}: {first}"
         results["wall_s"] = round(time.time() - started, 1)
         md = table(results, peak)  # after each workload: a run cut short keeps what it measured
-        _write(folder / f"{stem}.json", json.dumps(results, indent=2) + "\n")
-        _write(folder / f"{stem}.md", md)
+        atomic_write(folder / f"{stem}.json", json.dumps(results, indent=2) + "\n")  # a killed run: the last whole file
+        atomic_write(folder / f"{stem}.md", md)
     print(md)
     print(f"[bench] {results['wall_s']:.0f} s; wrote {folder / stem}.json and .md", file=sys.stderr)
     if results["failed"]:

@@ -23,6 +23,7 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 # LLMKIT_BENCH_PROFILE=N: profile N steps after the warm-up and print the top ops (those steps' times then count
@@ -91,15 +92,18 @@ def timer(warmup: int):
             # The median step, not the mean: a hiccup of this shared VM in one step must not move the number.
             n = len(self.ends) - 1 - warmup
 
-            def per_step(marks: list) -> list:  # what each timed step added, sorted
-                return sorted(b - a for a, b in zip(marks[warmup:], marks[warmup + 1 :], strict=False))
+            def middle(values: Iterable[float]) -> float | None:
+                """The median (the upper one of an even count); None of nothing."""
+                values = sorted(values)
+                return values[len(values) // 2] if values else None
 
-            durations = per_step(self.ends)
-            median = durations[len(durations) // 2]
+            def per_step(marks: list) -> float | None:  # what the timed steps added: the middle one
+                return middle(b - a for a, b in zip(marks[warmup:], marks[warmup + 1 :], strict=False))
+
+            median = per_step(self.ends)
             tokens_per_step = (self.tokens[-1] - self.tokens[warmup]) / n
-            faults = per_step(self.faults)
             # from one timed step's end to the next one's begin: the batch fetched and collated, callbacks, logging
-            gaps = sorted(b - e for e, b in zip(self.ends[warmup:-1], self.begins[warmup + 1 :], strict=False))
+            gap = middle(b - e for e, b in zip(self.ends[warmup:-1], self.begins[warmup + 1 :], strict=False))
             return {
                 "measured_steps": n,
                 "samples_per_s": samples_per_step / median,
@@ -109,8 +113,8 @@ def timer(warmup: int):
                 "executed_flops_per_token": getattr(self, "executed", None),
                 # fresh pages the kernel had to map in a timed step (median): a heap still growing, or a block above
                 # glibc's mmap threshold allocated and returned every step
-                "page_faults_per_step": faults[len(faults) // 2],
-                "between_steps_ms": 1000 * gaps[len(gaps) // 2] if gaps else None,
+                "page_faults_per_step": per_step(self.faults),
+                "between_steps_ms": None if gap is None else 1000 * gap,
             }
 
     assert warmup >= 3, "steps 2 and 3 count FLOPs: they must be warm-up steps"

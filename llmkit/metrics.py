@@ -187,7 +187,7 @@ class LocalMetric:
     def compute(self, *, predictions: Any, references: Any, **kwargs: Any) -> dict:
         return _local(self._name)[1](predictions, references, **kwargs)
 
-    def __getattr__(self, attr: str) -> Any:  # compute, add_batch, info, ...: the evaluate module's API
+    def __getattr__(self, attr: str) -> Any:  # add_batch, info, ...: the rest of the evaluate module's API
         if attr.startswith("_"):  # private and dunder names (copy, pickle) are not forwarded
             raise AttributeError(attr)
         if self._module is None:

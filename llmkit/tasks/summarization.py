@@ -60,7 +60,7 @@ def _collator(recipe: Any, tokenizer: Any, model: Any) -> Any:
 def _corpus(recipe: Any, train: Any) -> Any:
     """The documents, then the summaries, read 1,000 rows at a time (a lazy column would read them one by one)."""
     for column in _cols(recipe)[:2]:
-        for batch in train.iter(batch_size=1000):
+        for batch in train.select_columns([column]).iter(batch_size=1000):
             yield from (t for t in batch[column] if isinstance(t, str))
 
 
