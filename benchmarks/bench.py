@@ -263,11 +263,13 @@ def bench(name: str, w: dict, a: argparse.Namespace) -> dict:
     total = steps + warmup + 1
     run_dir = OUT / f"{name}-llmkit"
     eval_samples = w.get("eval_samples", 256)
+    eval_batch = 2 * batch if name != "summarization" else batch  # both sides: eval samples/s compares like with like
     common = {"warmup": warmup, "metric": w["metric"], "auto_model": w["auto_model"], "seq_len": seq}
     settings = [
         f"trainer.output_dir={run_dir}",
         f"trainer.max_steps={total}",
         f"trainer.per_device_train_batch_size={batch}",
+        f"trainer.per_device_eval_batch_size={eval_batch}",
         f"trainer.learning_rate={w['learning_rate']}",
         "trainer.warmup_steps=0.06",
         "trainer.eval_strategy=no",
@@ -294,7 +296,7 @@ def bench(name: str, w: dict, a: argparse.Namespace) -> dict:
         "output_dir": str(OUT / f"{name}-reference"),
         "steps": total,
         "batch_size": batch,
-        "eval_batch_size": 2 * batch if name != "summarization" else batch,
+        "eval_batch_size": eval_batch,
         "learning_rate": w["learning_rate"],
         "warmup_steps": max(1, round(0.06 * total)),
         "max_train_samples": 20000,

@@ -235,3 +235,22 @@ def test_the_step_timer_reports_the_time_between_steps():
     timer.ends = [0.9, 1.9, 2.9, 4.0, 5.0, 6.0, 7.0, 8.0]  # and end: gaps 2, 1, 3, 4 ms after the warm-up
     timer.tokens, timer.faults, timer.first_step = list(range(8)), [0] * 8, 0.0
     assert round(timer.result(32)["between_steps_ms"], 6) == 3.0  # the median of 1, 2, 3, 4 ms (upper)
+
+
+def test_llmkit_and_the_reference_evaluate_in_batches_of_one_size(monkeypatch):
+    """The eval samples/s column compares like with like: at --batch 128 (the GPU script) llmkit once evaluated in its
+    recipe's batches of 64 while the Trainer evaluated in batches of 256."""
+    import argparse
+
+    bench = _bench_module()
+    specs = {}
+    monkeypatch.setattr(bench, "one_run", lambda which, spec: specs.setdefault(which, spec) and {"samples_per_s": 1.0})
+    monkeypatch.setattr(bench, "minilm", lambda: "/nowhere/minilm")
+    for name, batch in [("sst2-minilm", 128), ("wnut-minilm", 32), ("summarization", 128)]:
+        specs.clear()
+        a = argparse.Namespace(steps=2, warmup=3, batch=batch, references=["tuned"], rounds=1, llmkit_set=[])
+        bench.bench(name, bench.WORKLOADS[name], a)
+        size = specs["reference"]["eval_batch_size"]
+        assert size == (batch if name == "summarization" else 2 * batch)
+        eval_sizes = [o for o in specs["llmkit"]["overrides"] if o.startswith("trainer.per_device_eval_batch_size=")]
+        assert eval_sizes == [f"trainer.per_device_eval_batch_size={size}"], name
