@@ -31,7 +31,7 @@ lint: $(BIN)/llmkit
 	$(BIN)/ruff format --check llmkit tests benchmarks
 
 demo: $(BIN)/llmkit  ## install, then pretrain the default BERT recipe (offline, ~5 min on 2 cores)
-	$(BIN)/llmkit pretrain recipes/bert.yaml --overwrite
+	$(BIN)/llmkit pretrain recipes/bert.yaml
 
 bench: $(BIN)/llmkit  ## llmkit vs a plain Trainer script, then inference (PyTorch vs ONNX vs int8) on ../shared/data
 	$(BIN)/python benchmarks/bench.py

@@ -234,6 +234,7 @@ def evaluate(
     def go() -> None:
         from llmkit import engine, rundir
 
+        basic_logging()  # a recipe named by its shipped name says which file it reads
         r = rundir.recipe_for_evaluation(target, overrides or [])
         setup_logging()
         metrics = engine.evaluate(r, split)
@@ -247,7 +248,7 @@ def evaluate(
 def predict(
     target: Path = typer.Argument(..., help="A run folder (output_dir of a finished run) or a recipe file."),
     overrides: list[str] = OverridesArg,
-    input: Path = typer.Option(..., "--input", "-i", help="Inputs: .jsonl/.json/.csv (the task's columns) or .txt."),
+    input: Path = typer.Option(..., "--input", "-i", help="Inputs: .jsonl/.json/.csv/.tsv (the task's columns) or .txt."),
     output: Path = typer.Option(..., "--output", "-o", help="Where to write the predictions (JSONL)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
     batch_size: int = typer.Option(
@@ -255,15 +256,13 @@ def predict(
     ),
     debug: bool = DebugOpt,
 ) -> None:
-    """Predict with a trained model on a file of inputs.
-
-    Writes one JSON line per input.
-    """
+    """Predict with a trained model on a file of inputs."""
 
     def go() -> None:
         from llmkit import rundir
         from llmkit.predict import predict as run_predict
 
+        basic_logging()  # a recipe named by its shipped name says which file it reads
         r = rundir.recipe_for_evaluation(target, overrides or [])
         setup_logging()
         n = run_predict(r, input, output, overwrite=overwrite, batch_size=batch_size)

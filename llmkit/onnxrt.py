@@ -17,24 +17,33 @@ EXPORT_FILE = "export.json"
 EXTRA = "pip install 'llmkit[export]'"
 
 
+def _export_facts(path: str | Path) -> dict:
+    """The export.json that `llmkit export` writes beside a converted model; {} where there is none (or it is bad)."""
+    import json
+
+    try:
+        facts = json.loads((Path(path) / EXPORT_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return facts if isinstance(facts, dict) else {}
+
+
 def is_onnx_folder(path: str | Path | None) -> bool:
     """Whether `path` is a folder written by `llmkit export --format onnx` (its export.json says so: a Hub
     snapshot that ships a model.onnx beside its weights stays a transformers folder)."""
-    import json
-
-    if path is None or not (Path(path) / MODEL_FILE).is_file():
-        return False
-    try:
-        return json.loads((Path(path) / EXPORT_FILE).read_text()).get("format") == "onnx"
-    except (OSError, ValueError, AttributeError):
-        return False
+    return path is not None and (Path(path) / MODEL_FILE).is_file() and _export_facts(path).get("format") == "onnx"
 
 
 def refuse_training(path: str | Path | None, role: str) -> None:
-    """An ONNX export runs inference only: one line when a run would train from it or distil with it."""
-    if is_onnx_folder(path):
+    """A converted export (ONNX, or torchao's PyTorch int8) runs inference only: one line when a run would train from
+    it or distil with it. A Hub checkpoint quantized for QLoRA has no export.json and trains as before."""
+    if path is None:
+        return
+    facts = _export_facts(path)
+    kind = "an ONNX export" if is_onnx_folder(path) else "an int8 export" if facts.get("precision") == "int8" else None
+    if kind:
         raise LlmkitError(
-            f"{role} {path} is an ONNX export, which only predicts and evaluates; use the run it was exported from"
+            f"{role} {path} is {kind}, which only predicts and evaluates; use the run it was exported from"
         )
 
 

@@ -43,7 +43,7 @@ def read_inputs(path: Path) -> list[dict]:
     elif suffix == ".txt":
         rows = [{"text": line} for line in text.splitlines() if line.strip()]
     else:
-        raise LlmkitError(f"{path}: unknown input format {suffix or '(none)'}; use .jsonl, .json, .csv or .txt")
+        raise LlmkitError(f"{path}: unknown input format {suffix or '(none)'}; use .jsonl, .json, .csv, .tsv or .txt")
     if not rows:
         raise LlmkitError(f"{path}: no rows to predict on")
     if not all(isinstance(r, dict) for r in rows):

@@ -118,6 +118,13 @@ def test_int8_exports_are_smaller_and_reload(runs, tmp_path):
     assert type(model.classifier.weight).__name__ != "Parameter" or "Quantized" in repr(model.classifier.weight)
     labels = [r["label"] for r in _predict(pt8, tmp_path, REVIEWS, "p8.jsonl")]
     assert set(labels) <= {"negative", "positive"} and len(labels) == len(REVIEWS)
+    # Both int8 exports are for inference, as the ONNX one: training from one or distilling with one is one line.
+    student = RECIPES / "tiny" / "classification.yaml"
+    for out, says in [(onnx8, "an ONNX export"), (pt8, "an int8 export")]:
+        for key in ("model.name_or_path", "distill.teacher"):
+            with pytest.raises(LlmkitError, match=f"{key} {out} is {says}, which only predicts and evaluates"):
+                recipe = resolve(load_recipe(student, [f"{key}={out}", f"trainer.output_dir={tmp_path / key}"]))
+                engine.train(recipe)
 
 
 def test_clm_predict_generates_a_completion_per_prompt(runs, tmp_path):

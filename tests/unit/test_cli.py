@@ -282,3 +282,17 @@ def test_a_sigterm_whose_exception_python_swallowed_still_exits_130(engine, monk
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert result.exit_code == 130 and result.stderr.strip().splitlines()[-1] == "interrupted (SIGTERM)"
+
+
+@pytest.mark.parametrize("command", [["evaluate"], ["predict", "-i", "in.jsonl", "-o", "out.jsonl"]])
+def test_evaluate_and_predict_say_which_shipped_recipe_they_read(tmp_path, monkeypatch, command):
+    """As the training commands do (README, Install): a recipe named by its shipped name logs the file it reads."""
+    import logging
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LLMKIT_VERBOSITY", "normal")
+    logging.getLogger("llmkit").setLevel(logging.WARNING)  # as in a fresh process: nothing set up yet
+    result = runner.invoke(app, [command[0], "bert", "trainer.nosuch=1", *command[1:]])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines()[0].startswith("[llmkit] Reading llmkit's shipped recipe ")
+    assert "bert.yaml" in result.stderr.splitlines()[0]
