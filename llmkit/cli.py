@@ -248,9 +248,7 @@ def evaluate(
 def predict(
     target: Path = typer.Argument(..., help="A run folder (output_dir of a finished run) or a recipe file."),
     overrides: list[str] = OverridesArg,
-    input: Path = typer.Option(
-        ..., "--input", "-i", help="Inputs: .jsonl/.json/.csv/.tsv (the task's columns) or .txt."
-    ),
+    input: Path = typer.Option(..., "--input", "-i", help="Inputs: .jsonl/.json/.csv/.tsv (task's columns), .txt."),
     output: Path = typer.Option(..., "--output", "-o", help="Where to write the predictions (JSONL)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
     batch_size: int = typer.Option(
