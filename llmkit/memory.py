@@ -33,6 +33,25 @@ def keep_freed_memory() -> None:
         pass
 
 
+def _zeroed(kept: dict, weight: Any) -> Any:
+    """The kept gradient buffer, zero again: only the rows the lookups added to since it was last zeroed, where
+    nothing else has written to it since (its version counter says so), else all of it (a clipping multiply by a
+    non-finite factor, say, reaches every row). A batch touches a few hundred of MiniLM's 30,522 rows: re-zeroing
+    those instead of 47 MB is ~2 ms a step on this project's CPU."""
+    import torch
+
+    buffer, rows = kept.get("buffer"), kept.get("rows")
+    if buffer is None:
+        buffer = kept["buffer"] = torch.zeros_like(weight)
+    elif rows is not None and buffer._version == kept["version"]:
+        if rows:
+            buffer.index_fill_(0, torch.cat(rows), 0)
+    else:
+        buffer.zero_()
+    kept["rows"], kept["version"] = [], buffer._version
+    return buffer
+
+
 def _lookup() -> Any:
     import torch
     import torch.nn.functional as F
@@ -42,7 +61,7 @@ def _lookup() -> Any:
         where the Trainer set it to None), instead of returning a new dense [vocabulary, width] gradient."""
 
         @staticmethod
-        def forward(ctx: Any, ids: Any, weight: Any, padding_idx: Any, kept: list) -> Any:
+        def forward(ctx: Any, ids: Any, weight: Any, padding_idx: Any, kept: dict) -> Any:
             ctx.save_for_backward(ids)
             ctx.weight, ctx.padding_idx, ctx.kept = weight, padding_idx, kept
             return F.embedding(ids, weight, padding_idx)
@@ -50,16 +69,21 @@ def _lookup() -> Any:
         @staticmethod
         def backward(ctx: Any, upstream: Any) -> Any:
             (ids,) = ctx.saved_tensors
-            weight, rows = ctx.weight, ids.reshape(-1)
+            weight, rows, kept = ctx.weight, ids.reshape(-1), ctx.kept
             grads = upstream.reshape(-1, upstream.shape[-1]).to(weight.dtype)
             if ctx.padding_idx is not None:  # as nn.Embedding: the padding row gets no gradient
                 real = rows != ctx.padding_idx
                 rows, grads = rows[real], grads[real]
             if weight.grad is None:
-                if not ctx.kept:
-                    ctx.kept.append(torch.zeros_like(weight))
-                weight.grad = ctx.kept[0].zero_()
+                weight.grad = _zeroed(kept, weight)
+            mine = weight.grad is kept.get("buffer")
+            if mine and weight.grad._version != kept["version"]:
+                kept["rows"] = None  # written to by something else since (accumulating): zero all of it next time
             weight.grad.index_add_(0, rows, grads)
+            if mine:
+                if kept["rows"] is not None:
+                    kept["rows"].append(rows)
+                kept["version"] = weight.grad._version
             return None, None, None, None
 
     return Lookup
@@ -90,6 +114,6 @@ def reuse_embedding_gradient(model: Any) -> bool:
     def forward(self: Any, ids: Any) -> Any:  # bound to the module: a deep copy calls its own weight
         return lookup.apply(ids, self.weight, self.padding_idx, self._llmkit_kept_grad)
 
-    emb._llmkit_kept_grad = []
+    emb._llmkit_kept_grad = {}
     emb.forward = types.MethodType(forward, emb)
     return True

@@ -468,6 +468,40 @@ def test_the_embedding_gradient_is_the_same_in_one_kept_buffer(monkeypatch):
     assert twin.bert.embeddings.word_embeddings.weight.grad is not None and weights[1].grad is None
 
 
+def test_the_kept_embedding_gradient_is_re_zeroed_row_by_row_unless_something_else_wrote_to_it(monkeypatch):
+    """Each step's gradient equals torch's over batches of other tokens: the buffer is re-zeroed only at the rows the
+    last lookups added to, and whole after anything else wrote to it (a clipping multiply, finite or not)."""
+    import copy
+
+    from llmkit import memory
+
+    monkeypatch.setattr(memory, "MMAP_THRESHOLD", 0)
+    plain = _classifier("bert", "eager", tokens=True)
+    mine = copy.deepcopy(plain)
+    assert memory.reuse_embedding_gradient(mine)
+    weights = (plain.bert.embeddings.word_embeddings.weight, mine.bert.embeddings.word_embeddings.weight)
+    torch.manual_seed(1)
+    for step in range(6):
+        batch, _ = _padded_batch(None)
+        batch["input_ids"] = torch.randint(5 + 10 * (step % 3), 15 + 10 * (step % 3), (4, 12))  # other rows each step
+        for model in (plain, mine):
+            model(**batch).loss.backward()
+        torch.testing.assert_close(weights[1].grad, weights[0].grad, rtol=0, atol=0)
+        if step == 2:  # clipping by a factor below 1: every row of the buffer written to
+            for w in weights:
+                w.grad.mul_(0.5)
+        if step == 3:  # a non-finite norm: the factor is NaN, and so is every row, the untouched ones too
+            for w in weights:
+                w.grad.mul_(float("nan"))
+        plain.zero_grad(set_to_none=True), mine.zero_grad(set_to_none=True)
+    # Only the rows added to are re-zeroed: a value put where no lookup wrote (behind the version counter's back,
+    # as nothing in training does) is still there after the next step.
+    buffer = mine.bert.embeddings.word_embeddings._llmkit_kept_grad["buffer"]
+    buffer.data[63] = 7.0
+    mine(**_padded_batch(None)[0]).loss.backward()
+    assert bool((weights[1].grad[63] == 7.0).all())
+
+
 def test_the_embedding_gradient_is_left_to_torch_where_it_cannot_be_kept(monkeypatch):
     from llmkit import memory
 
