@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from llmkit.memory import rows_stay_zero
+
 
 def clip_grad_norm(grads: list, max_norm: float) -> Any:
     """Clip `grads` in place to a total 2-norm of `max_norm`; returns the norm before clipping."""
@@ -29,6 +31,7 @@ def clip_grad_norm(grads: list, max_norm: float) -> Any:
     factor = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     if not bool(factor == 1.0):  # a factor of 1 changes nothing; NaN compares unequal and still goes through
         torch._foreach_mul_(grads, factor)
+        rows_stay_zero(grads, factor)
     return total
 
 

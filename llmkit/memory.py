@@ -43,6 +43,7 @@ def _zeroed(kept: dict, weight: Any) -> Any:
     buffer, rows = kept.get("buffer"), kept.get("rows")
     if buffer is None:
         buffer = kept["buffer"] = torch.zeros_like(weight)
+        buffer._llmkit_kept = kept  # for rows_stay_zero
     elif rows is not None and buffer._version == kept["version"]:
         if rows:
             buffer.index_fill_(0, torch.cat(rows), 0)
@@ -50,6 +51,20 @@ def _zeroed(kept: dict, weight: Any) -> Any:
         buffer.zero_()
     kept["rows"], kept["version"] = [], buffer._version
     return buffer
+
+
+def rows_stay_zero(grads: list, factor: Any) -> None:
+    """`grads` were just multiplied in place by `factor` (gradient clipping, on most steps of a fine-tuning run):
+    where the factor is finite, a kept embedding gradient's untouched rows are still zero (0 x finite), so its next
+    re-zeroing may stay row by row. A NaN factor (a NaN norm) reaches every row: then the version stays behind."""
+    import math
+
+    if not math.isfinite(float(factor)):
+        return
+    for g in grads:
+        kept = getattr(g, "_llmkit_kept", None)
+        if kept is not None and kept.get("version") == g._version - 1:  # the multiply was the only write since
+            kept["version"] = g._version
 
 
 def _lookup() -> Any:

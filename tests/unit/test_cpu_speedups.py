@@ -470,10 +470,12 @@ def test_the_embedding_gradient_is_the_same_in_one_kept_buffer(monkeypatch):
 
 def test_the_kept_embedding_gradient_is_re_zeroed_row_by_row_unless_something_else_wrote_to_it(monkeypatch):
     """Each step's gradient equals torch's over batches of other tokens: the buffer is re-zeroed only at the rows the
-    last lookups added to, and whole after anything else wrote to it (a clipping multiply, finite or not)."""
+    last lookups added to (also after clipping by a finite factor), and whole after a NaN clipping factor or any
+    other write."""
     import copy
 
     from llmkit import memory
+    from llmkit.clipping import clip_grad_norm
 
     monkeypatch.setattr(memory, "MMAP_THRESHOLD", 0)
     plain = _classifier("bert", "eager", tokens=True)
@@ -487,12 +489,20 @@ def test_the_kept_embedding_gradient_is_re_zeroed_row_by_row_unless_something_el
         for model in (plain, mine):
             model(**batch).loss.backward()
         torch.testing.assert_close(weights[1].grad, weights[0].grad, rtol=0, atol=0)
-        if step == 2:  # clipping by a factor below 1: every row of the buffer written to
+        kept = mine.bert.embeddings.word_embeddings._llmkit_kept_grad
+        if step == 2:  # clipped by a finite factor below 1: the untouched rows stay zero, and the row-wise re-zero
+            for model in (plain, mine):
+                clip_grad_norm([p.grad for p in model.parameters() if p.grad is not None], 1e-3)
+            assert kept["version"] == kept["buffer"]._version
+        if step == 3:  # a NaN norm: the factor is NaN, and so is every row, the untouched ones too
+            for model in (plain, mine):
+                model.classifier.weight.grad[0, 0] = float("nan")
+                clip_grad_norm([p.grad for p in model.parameters() if p.grad is not None], 1.0)
+            assert kept["version"] != kept["buffer"]._version and weights[1].grad.isnan().all()
+        if step == 4:  # anything else that writes to the buffer: the version moves on without it
             for w in weights:
-                w.grad.mul_(0.5)
-        if step == 3:  # a non-finite norm: the factor is NaN, and so is every row, the untouched ones too
-            for w in weights:
-                w.grad.mul_(float("nan"))
+                w.grad.add_(1.0)
+            assert kept["version"] != kept["buffer"]._version
         plain.zero_grad(set_to_none=True), mine.zero_grad(set_to_none=True)
     # Only the rows added to are re-zeroed: a value put where no lookup wrote (behind the version counter's back,
     # as nothing in training does) is still there after the next step.
