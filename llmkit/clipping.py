@@ -2,8 +2,8 @@
 
 The Trainer clips through accelerate, which calls `torch.nn.utils.clip_grad_norm_`'s parts: on CPU (no
 foreach kernels there) one Python-level norm per parameter, then every gradient multiplied by
-min(1, max_norm / (norm + 1e-6)), also when that factor is exactly 1, as it is on most steps once training
-settles: one more read and write of all gradients (MiniLM: 91 MB) each step for nothing. Here the norms are
+min(1, max_norm / (norm + 1e-6)), also when that factor is exactly 1, as it is whenever the norm is at most
+max_norm: one more read and write of all gradients (MiniLM: 91 MB) on such steps for nothing. Here the norms are
 one foreach call, the same per-tensor norms reduced the same way (the same total, bit for bit), and the
 multiply runs only when the factor is not 1 (below 1, or not a number: a non-finite norm still reaches
 every gradient, as torch's does). Same norm, same gradients, tested against accelerate's.
