@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmkit.memory import rows_stay_zero
+from llmkit.memory import scale_gradients
 
 
 def clip_grad_norm(grads: list, max_norm: float) -> Any:
@@ -30,8 +30,7 @@ def clip_grad_norm(grads: list, max_norm: float) -> Any:
     total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(torch.stack(norms), 2.0)]), 2.0)
     factor = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     if not bool(factor == 1.0):  # a factor of 1 changes nothing; NaN compares unequal and still goes through
-        torch._foreach_mul_(grads, factor)
-        rows_stay_zero(grads, factor)
+        scale_gradients(grads, factor)  # torch._foreach_mul_, but only the rows of the embedding gradient in use
     return total
 
 

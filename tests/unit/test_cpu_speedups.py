@@ -493,7 +493,9 @@ def test_the_kept_embedding_gradient_is_re_zeroed_row_by_row_unless_something_el
         if step == 2:  # clipped by a finite factor below 1: the untouched rows stay zero, and the row-wise re-zero
             for model in (plain, mine):
                 clip_grad_norm([p.grad for p in model.parameters() if p.grad is not None], 1e-3)
-            assert kept["version"] == kept["buffer"]._version
+            assert kept["version"] == kept["buffer"]._version  # only the rows in use were multiplied, bit for bit:
+            torch.testing.assert_close(weights[1].grad, weights[0].grad, rtol=0, atol=0)
+            assert not weights[1].grad.equal(torch.zeros_like(weights[1].grad))
         if step == 3:  # a NaN norm: the factor is NaN, and so is every row, the untouched ones too
             for model in (plain, mine):
                 model.classifier.weight.grad[0, 0] = float("nan")
