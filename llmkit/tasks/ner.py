@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from llmkit import unpad
+from llmkit import rowpack, unpad
 from llmkit.data import column_values, require_columns, row_numbers, split_origin
 from llmkit.errors import DataError
 from llmkit.rows import TAGS, WORDS, tokenize_splits
@@ -169,6 +169,10 @@ def _predict(recipe: Any, model: Any, tokenizer: Any, rows: list[dict], batch_si
 def _speed_up(recipe: Any, model: Any) -> None:
     if unpad.wanted(recipe):
         unpad.skip_padding(model, labelled_last_layer=True)
+        if (
+            recipe.distill is None
+        ):  # distillation compares the student's logits with the teacher's, position by position
+            rowpack.pack_rows(model)
 
 
 TASK = Task(
