@@ -5,19 +5,13 @@ import copy
 
 import pytest
 import torch
-import transformers
+from test_cpu_speedups import _classifier
 
 from llmkit import rowpack, unpad
 
 
 def _tagger(kind: str = "bert", attn: str = "eager"):
-    common = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                  max_position_embeddings=40, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
-    config = {"bert": transformers.BertConfig, "roberta": transformers.RobertaConfig,
-              "electra": transformers.ElectraConfig}[kind](**common)  # fmt: skip
-    config._attn_implementation = attn
-    torch.manual_seed(0)
-    return transformers.AutoModelForTokenClassification.from_config(config)
+    return _classifier(kind, attn, tokens=True)  # 2 layers, no dropout
 
 
 def _batch(lengths=(9, 3, 4, 2, 6, 5)):
