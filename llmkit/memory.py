@@ -71,7 +71,8 @@ def scale_gradients(grads: list, factor: Any) -> None:
             kept["version"] = g._version
         else:
             rest.append(g)
-    torch._foreach_mul_(rest, factor)
+    if rest:  # empty where the embedding is the only thing training
+        torch._foreach_mul_(rest, factor)
 
 
 def _lookup() -> Any:

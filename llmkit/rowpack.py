@@ -26,9 +26,9 @@ PACKABLE = {"BertForTokenClassification", "ElectraForTokenClassification"}
 
 
 class _Packed:
-    """Whether the batch now in the model was packed (so its encoder takes the block-diagonal mask)."""
+    """The batch now in the model, if it was packed: its encoder takes the block-diagonal mask."""
 
-    active = False
+    positions: Any = None  # the position ids the packer made for the batch now in the model; None: not packed
 
 
 def pack_rows(model: Any) -> bool:
@@ -67,7 +67,7 @@ def plan(lengths: list[int], width: int) -> list[list[int]]:
 
 def _packer(state: _Packed) -> Any:
     def pack(module: Any, args: tuple, kwargs: dict) -> Any:
-        state.active = False
+        state.positions = None
         ids, mask, labels = kwargs.get("input_ids"), kwargs.get("attention_mask"), kwargs.get("labels")
         if args or not module.training or ids is None or labels is None or mask is None or mask.dim() != 2:
             return None
@@ -75,7 +75,7 @@ def _packer(state: _Packed) -> Any:
             return None
         import torch
 
-        counts, width = mask.sum(1), ids.shape[1]
+        counts, width = mask.ne(0).sum(1), ids.shape[1]
         if not bool((mask.bool() == (torch.arange(width) < counts[:, None])).all()):
             return None  # left padding, or holes: not this layout
         lengths = counts.tolist()
@@ -91,10 +91,9 @@ def _packer(state: _Packed) -> Any:
 
         pad = int(ids[mask == 0][0])
         kwargs.update(input_ids=moved(ids, pad), attention_mask=real.to(mask.dtype), labels=moved(labels, -100))
-        kwargs["position_ids"] = positions
+        kwargs["position_ids"] = state.positions = positions
         if kwargs.get("token_type_ids") is not None:
             kwargs["token_type_ids"] = moved(kwargs["token_type_ids"], 0)
-        state.active = True
         return args, kwargs
 
     return pack
@@ -120,18 +119,19 @@ def _layout(rows: list[list[int]], lengths: list[int], width: int) -> tuple[Any,
 
 def _masker(state: _Packed, config: Any) -> Any:
     def block_diagonal(module: Any, args: tuple, kwargs: dict) -> Any:
-        if not state.active:
+        positions, state.positions = state.positions, None
+        if positions is None or kwargs.get("position_ids") is not positions:
             return None
-        state.active = False
         import torch
 
-        positions = kwargs["position_ids"]
         segment = (positions == 0).cumsum(1)
         same = (segment[:, :, None] == segment[:, None, :])[:, None]  # [rows, 1, width, width]
         if config._attn_implementation == "sdpa":
             kwargs["attention_mask"] = same
         else:  # eager adds it to the scores, as transformers' own padding mask
-            dtype = module.get_input_embeddings().weight.dtype
+            dtype = module.get_input_embeddings().weight.dtype  # the embeddings' output, as transformers takes it:
+            if getattr(module, "embeddings_project", None) is not None and torch.is_autocast_enabled("cpu"):
+                dtype = torch.get_autocast_dtype("cpu")  # ELECTRA's projection to the hidden size ran under autocast
             kwargs["attention_mask"] = torch.zeros(same.shape, dtype=dtype).masked_fill_(~same, torch.finfo(dtype).min)
         return args, kwargs
 

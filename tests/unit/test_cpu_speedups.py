@@ -483,11 +483,15 @@ def test_the_kept_embedding_gradient_is_re_zeroed_row_by_row_unless_something_el
     assert memory.reuse_embedding_gradient(mine)
     weights = (plain.bert.embeddings.word_embeddings.weight, mine.bert.embeddings.word_embeddings.weight)
     torch.manual_seed(1)
-    for step in range(6):
+    for step in range(7):
         batch, _ = _padded_batch(None)
         batch["input_ids"] = torch.randint(5 + 10 * (step % 3), 15 + 10 * (step % 3), (4, 12))  # other rows each step
+        other = dict(batch, input_ids=torch.randint(40, 60, (4, 12)))
         for model in (plain, mine):
             model(**batch).loss.backward()
+            if step == 5:  # gradient accumulation: another batch's rows add to the same buffer, then a clip
+                model(**other).loss.backward()
+                clip_grad_norm([p.grad for p in model.parameters() if p.grad is not None], 1e-3)
         torch.testing.assert_close(weights[1].grad, weights[0].grad, rtol=0, atol=0)
         kept = mine.bert.embeddings.word_embeddings._llmkit_kept_grad
         if step == 2:  # clipped by a finite factor below 1: the untouched rows stay zero, and the row-wise re-zero

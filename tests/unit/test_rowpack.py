@@ -37,7 +37,7 @@ def test_the_plan_fits_each_row_in_the_width_and_places_every_sentence_once():
     assert all(sum(lengths[i] for i in row) <= 9 for row in rows) and len(rows) == 5
 
 
-@pytest.mark.parametrize("kind,attn", [("bert", "eager"), ("bert", "sdpa"), ("electra", "eager")])
+@pytest.mark.parametrize("kind,attn", [("bert", "eager"), ("bert", "sdpa"), ("electra", "eager"), ("electra", "sdpa")])
 @pytest.mark.parametrize("skip", [True, False])
 def test_a_packed_batch_has_the_loss_and_gradients_of_the_padded_one(kind, attn, skip):
     plain = _tagger(kind, attn)
@@ -73,3 +73,20 @@ def test_packing_is_left_alone_where_it_would_not_hold_or_pay():
     assert seen == [6, 6, 6, 3, 6]
     assert not rowpack.pack_rows(_tagger("roberta"))  # positions start after the padding index
     assert not rowpack.pack_rows(_tagger("bert", "flex_attention"))
+
+
+def test_ner_packs_its_training_batches_but_not_with_a_teacher():
+    from types import SimpleNamespace
+
+    from llmkit.tasks import ner
+
+    def recipe(distill):
+        return SimpleNamespace(model=SimpleNamespace(skip_positions=None), distill=distill, args=None)
+
+    for distill, rows in [(None, [4]), (SimpleNamespace(hidden_loss=0.0), [6])]:
+        model = _tagger()
+        ner.TASK.prepare_model(recipe(distill), model)
+        seen = _rows_seen(model)
+        model.train()
+        model(**_batch())
+        assert seen == rows
