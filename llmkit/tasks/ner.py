@@ -169,9 +169,8 @@ def _predict(recipe: Any, model: Any, tokenizer: Any, rows: list[dict], batch_si
 def _speed_up(recipe: Any, model: Any) -> None:
     if unpad.wanted(recipe):
         unpad.skip_padding(model, labelled_last_layer=True)
-        if (
-            recipe.distill is None
-        ):  # distillation compares the student's logits with the teacher's, position by position
+        # not with a teacher: distillation compares the student's logits with the teacher's, position by position
+        if recipe.distill is None:
             rowpack.pack_rows(model)
 
 
